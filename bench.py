@@ -1,0 +1,114 @@
+"""Encoder throughput benchmark: padded tokens/s for training (forward + backward, and with
+the AdamW step) and for inference, on the packaged checkpoint at batch 32 x length 64 with
+random real lengths. `--compare_hf` times transformers' BertModel on the same batches (if
+transformers is installed) and prints our/their ratios.
+
+    python bench.py [--checkpoint DIR] [--batch_size 32] [--seq_len 64] [--steps 10]
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from base_bert import default_checkpoint_path, from_pretrained
+from config import parse_config
+from optimizer import AdamW
+
+
+@dataclass
+class BenchConfig:
+    checkpoint: str = field(default="", metadata={"help": "HF BERT folder (default: packaged MiniLM)"})
+    batch_size: int = 32
+    seq_len: int = 64
+    steps: int = field(default=10, metadata={"help": "timed steps per measurement"})
+    warmup: int = 2
+    repeats: int = field(default=2, metadata={"help": "alternating rounds; the best is kept"})
+    seed: int = 0
+    threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
+    compare_hf: bool = field(default=False, metadata={"help": "also time transformers' BertModel"})
+
+
+def random_batch(cfg: BenchConfig, vocab_size: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    lengths = torch.randint(8, cfg.seq_len + 1, (cfg.batch_size,), generator=gen)
+    lengths[0] = cfg.seq_len  # the batch is padded to its longest item
+    ids = torch.randint(1000, vocab_size, (cfg.batch_size, cfg.seq_len), generator=gen)
+    mask = (torch.arange(cfg.seq_len)[None, :] < lengths[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask,
+            "token_type_ids": torch.zeros_like(ids)}
+
+
+def rate(fn: Callable[[], None], cfg: BenchConfig) -> float:
+    """Padded tokens per second of `fn` over cfg.steps calls after cfg.warmup calls."""
+    for _ in range(cfg.warmup):
+        fn()
+    start = time.perf_counter()
+    for _ in range(cfg.steps):
+        fn()
+    return cfg.steps * cfg.batch_size * cfg.seq_len / (time.perf_counter() - start)
+
+
+def measure(model: torch.nn.Module, batch: dict, cfg: BenchConfig) -> dict[str, float]:
+    opt = AdamW(model.parameters(), lr=1e-5)
+
+    def forward_backward() -> None:
+        model.zero_grad(set_to_none=True)
+        out = model(**batch)
+        (out.last_hidden_state.float().mean() + out.pooler_output.float().mean()).backward()
+
+    def train_step() -> None:
+        forward_backward()
+        opt.step()
+
+    @torch.inference_mode()
+    def inference() -> None:
+        model(**batch)
+
+    model.train()
+    results = {"fwd+bwd": rate(forward_backward, cfg), "fwd+bwd+AdamW": rate(train_step, cfg)}
+    model.eval()
+    results["inference"] = rate(inference, cfg)
+    return results
+
+
+def hf_model(folder: str) -> torch.nn.Module | None:
+    try:
+        from transformers import BertModel as HFBertModel
+    except ImportError:
+        print("transformers is not installed: skipping the comparison")
+        return None
+    return HFBertModel.from_pretrained(folder, attn_implementation="sdpa")
+
+
+def main() -> None:
+    cfg = parse_config(BenchConfig, description=__doc__)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    folder = cfg.checkpoint or default_checkpoint_path()
+    ours = from_pretrained(folder)
+    batch = random_batch(cfg, ours.config.vocab_size)
+    real = int(batch["attention_mask"].sum())
+    print(f"checkpoint {folder}\nbatch {cfg.batch_size} x {cfg.seq_len} "
+          f"({real / batch['attention_mask'].numel():.0%} real tokens), "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    models = {"ours": ours}
+    if cfg.compare_hf and (theirs := hf_model(folder)) is not None:
+        models["transformers"] = theirs
+    results: dict[str, dict[str, float]] = {name: {} for name in models}
+    for _ in range(cfg.repeats):  # alternate the models so that drift hits both alike
+        for name, model in models.items():
+            for key, value in measure(model, batch, cfg).items():
+                results[name][key] = max(value, results[name].get(key, 0.0))
+    for name, res in results.items():
+        print(f"{name:>13}: " + ", ".join(f"{k} {v:,.0f} padded tokens/s" for k, v in res.items()))
+    if "transformers" in results:
+        print("  ours/transformers: " + ", ".join(
+            f"{k} {results['ours'][k] / results['transformers'][k]:.2f}x" for k in results["ours"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""A hand-written BERT encoder (Devlin et al., 2019), as in the report's section 4.1.
+
+Build, then load: constructors only create randomly initialised modules; weights come
+from `base_bert.load_pretrained` / `base_bert.from_pretrained`. This file does no I/O.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from config import BertConfig
+
+ACTIVATIONS = {
+    "gelu": nn.GELU(),  # BERT's exact erf form
+    "relu": nn.ReLU(),
+    "gelu_new": nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": nn.GELU(approximate="tanh"),
+}
+
+
+@dataclass
+class BertOutput:
+    last_hidden_state: torch.Tensor  # (B, T, H)
+    pooler_output: torch.Tensor  # (B, H)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return getattr(self, key)
+
+
+def extended_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) 1/0 mask -> (B, 1, 1, T) additive mask: 0 for real tokens, a large negative
+    number for padding, so that softmax gives padding (almost exactly) zero weight."""
+    mask = attention_mask[:, None, None, :].to(dtype)
+    return (1.0 - mask) * torch.finfo(dtype).min
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head scaled dot-product attention (report section 4.1.1):
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + mask) V, per head, heads concatenated."""
+
+    def __init__(self, config: BertConfig, fused: bool = True):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        # fused=True uses torch's scaled_dot_product_attention; False the explicit form below.
+        self.fused = fused
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        # (B, T, H) -> (B, heads, T, head_dim)
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor:
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, heads, T, T)
+        probs = self.dropout(torch.softmax(scores + mask, dim=-1))
+        return probs @ v  # (B, heads, T, head_dim)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = self.split_heads(self.query(hidden))  # (B, heads, T, head_dim)
+        k = self.split_heads(self.key(hidden))
+        v = self.split_heads(self.value(hidden))
+        if self.fused:
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
+        else:
+            context = self.explicit_attention(q, k, v, mask)
+        batch, _, length, _ = context.shape
+        # (B, heads, T, head_dim) -> (B, T, H)
+        return context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+
+
+class BertLayer(nn.Module):
+    """Attention, add & norm, feed-forward, add & norm (post-LN, as in the original BERT)."""
+
+    def __init__(self, config: BertConfig, fused: bool = True):
+        super().__init__()
+        self.self_attention = BertSelfAttention(config, fused)
+        self.attention_dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attention_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.interm_dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.interm_af = ACTIVATIONS[config.hidden_act]
+        self.out_dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.out_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def add_norm(self, residual: torch.Tensor, sublayer_out: torch.Tensor, dense: nn.Linear,
+                 norm: nn.LayerNorm) -> torch.Tensor:
+        return norm(residual + self.dropout(dense(sublayer_out)))
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        attended = self.self_attention(hidden, mask)  # (B, T, H)
+        hidden = self.add_norm(hidden, attended, self.attention_dense, self.attention_layer_norm)
+        interm = self.interm_af(self.interm_dense(hidden))  # (B, T, intermediate)
+        return self.add_norm(hidden, interm, self.out_dense, self.out_layer_norm)
+
+
+class BertModel(nn.Module):
+    """Embeddings (word + position + token type, LayerNorm, dropout), the layer stack, and
+    the pooler tanh(W h_[CLS] + b)."""
+
+    def __init__(self, config: BertConfig, fused_attention: bool = True):
+        super().__init__()
+        self.config = config
+        self.word_embedding = nn.Embedding(config.vocab_size, config.hidden_size,
+                                           padding_idx=config.pad_token_id)
+        self.pos_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.tk_type_embedding = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.embed_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.embed_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.register_buffer("position_ids",
+                             torch.arange(config.max_position_embeddings)[None, :],
+                             persistent=False)
+        self.bert_layers = nn.ModuleList(
+            [BertLayer(config, fused_attention) for _ in range(config.num_hidden_layers)])
+        self.pooler_dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """BERT's initialisation: N(0, initializer_range) weights, zero biases, unit norms."""
+        self.apply(lambda module: init_module(module, self.config.initializer_range))
+
+    def set_fused_attention(self, fused: bool) -> None:
+        for layer in self.bert_layers:
+            layer.self_attention.fused = fused
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        length = input_ids.shape[1]
+        if length > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {length} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        embedded = (self.word_embedding(input_ids)
+                    + self.pos_embedding(self.position_ids[:, :length])
+                    + self.tk_type_embedding(token_type_ids))  # (B, T, H)
+        return self.embed_dropout(self.embed_layer_norm(embedded))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> BertOutput:
+        hidden = self.embed(input_ids, token_type_ids)  # (B, T, H)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = extended_attention_mask(attention_mask, hidden.dtype)  # (B, 1, 1, T)
+        for layer in self.bert_layers:
+            hidden = layer(hidden, mask)
+        pooled = torch.tanh(self.pooler_dense(hidden[:, 0]))  # (B, H)
+        return BertOutput(last_hidden_state=hidden, pooler_output=pooled)
+
+
+def init_module(module: nn.Module, std: float) -> None:
+    """Initialise one module the way BERT does; also used for fresh task heads."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the hidden states over real (non-padding) tokens: (B, T, H) -> (B, H)."""
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)

@@ -1,0 +1,56 @@
+import pytest
+
+from tokenizer import BertTokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return BertTokenizer.from_pretrained(max_length=16)
+
+
+def test_hello_world(tok):
+    enc = tok.encode(["hello world"])
+    assert enc.input_ids.tolist() == [[101, 7592, 2088, 102]]
+    assert enc.attention_mask.tolist() == [[1, 1, 1, 1]]
+
+
+def test_lowercases(tok):
+    assert tok.encode(["HELLO World"]).input_ids.tolist() == [[101, 7592, 2088, 102]]
+
+
+def test_pair_token_types(tok):
+    enc = tok.encode(["hello world"], ["hello"])
+    assert enc.input_ids.tolist() == [[101, 7592, 2088, 102, 7592, 102]]
+    assert enc.token_type_ids.tolist() == [[0, 0, 0, 0, 1, 1]]
+
+
+def test_padding_to_longest(tok):
+    enc = tok.encode(["hello", "hello world hello"])
+    assert enc.input_ids.shape == (2, 5)
+    assert enc.input_ids[0].tolist() == [101, 7592, 102, 0, 0]
+    assert enc.attention_mask[0].tolist() == [1, 1, 1, 0, 0]
+    assert enc.input_ids.dtype == enc.attention_mask.dtype == enc.token_type_ids.dtype
+
+
+def test_truncation_single_and_pair(tok):
+    long = "hello " * 40
+    enc = tok.encode([long])
+    assert enc.input_ids.shape[1] == 16 and enc.input_ids[0, -1].item() == 102
+    pair = tok.encode([long], ["world world"])
+    ids = pair.input_ids[0].tolist()
+    assert len(ids) == 16
+    # longest-first: the short second sentence survives whole
+    assert ids[-3:] == [2088, 2088, 102]
+    assert pair.token_type_ids[0].tolist().count(1) == 3
+
+
+def test_lengths(tok):
+    assert tok.lengths(["hello world", "hello " * 40]) == [4, 16]
+    assert tok.encode(["a", "hello world"]).input_ids.shape == (2, 4)  # padding restored
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vocab"):
+        BertTokenizer(str(tmp_path / "vocab.txt"))
+    with pytest.raises(ValueError, match="second"):
+        BertTokenizer.from_pretrained().encode(["a", "b"], ["c"])

@@ -1,0 +1,93 @@
+"""The project tokenizer: BERT WordPiece over a checkpoint's `vocab.txt`, through the
+`tokenizers` package. Batches are padded to their longest item."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from tokenizers import BertWordPieceTokenizer
+
+DEFAULT_MAX_LENGTH = 128
+
+
+@dataclass
+class Encoded:
+    input_ids: torch.Tensor  # (B, T) int64
+    token_type_ids: torch.Tensor  # (B, T) int64
+    attention_mask: torch.Tensor  # (B, T) int64, 1 for real tokens
+
+    def to(self, device: torch.device | str) -> "Encoded":
+        return Encoded(*(t.to(device, non_blocking=True) for t in
+                         (self.input_ids, self.token_type_ids, self.attention_mask)))
+
+    def as_kwargs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "token_type_ids": self.token_type_ids,
+                "attention_mask": self.attention_mask}
+
+
+def _lowercase(folder: str) -> bool:
+    """A checkpoint's tokenizer_config.json may say do_lower_case; uncased is the default."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return bool(json.load(f).get("do_lower_case", True))
+    return True
+
+
+class BertTokenizer:
+    """Encodes sentences (`[CLS] a [SEP]`) and pairs (`[CLS] a [SEP] b [SEP]`, token types
+    0 then 1), truncated to `max_length` (pairs longest-first)."""
+
+    def __init__(self, vocab_path: str, lowercase: bool = True,
+                 max_length: int = DEFAULT_MAX_LENGTH):
+        if not os.path.isfile(vocab_path):
+            raise FileNotFoundError(f"{vocab_path}: vocabulary file not found")
+        if max_length < 4:
+            raise ValueError(f"max_length must be at least 4, got {max_length}")
+        self.max_length = max_length
+        self._tok = BertWordPieceTokenizer(vocab_path, lowercase=lowercase)
+        self._tok.enable_truncation(max_length, strategy="longest_first")
+        self.pad_token_id = self._tok.token_to_id("[PAD]")
+        self._tok.enable_padding(pad_id=self.pad_token_id, pad_token="[PAD]")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | None = None,
+                        max_length: int = DEFAULT_MAX_LENGTH) -> "BertTokenizer":
+        if folder is None:
+            from base_bert import default_checkpoint_path
+            folder = default_checkpoint_path()
+        return cls(os.path.join(folder, "vocab.txt"), _lowercase(folder), max_length)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._tok.encode(text, add_special_tokens=False).tokens
+
+    def encode(self, texts: Sequence[str],
+               pairs: Sequence[str] | None = None) -> Encoded:
+        """Batch-encode sentences, or sentence pairs when `pairs` is given."""
+        if pairs is None:
+            batch = self._tok.encode_batch(list(texts))
+        else:
+            if len(pairs) != len(texts):
+                raise ValueError(f"{len(texts)} first sentences but {len(pairs)} second ones")
+            batch = self._tok.encode_batch(list(zip(texts, pairs)))
+        return Encoded(
+            input_ids=torch.tensor([e.ids for e in batch], dtype=torch.long),
+            token_type_ids=torch.tensor([e.type_ids for e in batch], dtype=torch.long),
+            attention_mask=torch.tensor([e.attention_mask for e in batch], dtype=torch.long),
+        )
+
+    def lengths(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[int]:
+        """Token counts (special tokens included, after truncation), for length bucketing."""
+        items = list(texts) if pairs is None else list(zip(texts, pairs))
+        self._tok.no_padding()
+        try:
+            return [len(e.ids) for e in self._tok.encode_batch(items)]
+        finally:
+            self._tok.enable_padding(pad_id=self.pad_token_id, pad_token="[PAD]")
