@@ -1,0 +1,185 @@
+"""Runs a grid of configurations (by default the 8 rows of the report's Table 1), one run
+folder per configuration x seed, then writes the table and figures with report.py.
+
+    python grid.py [--rows all] [--seeds 0 1 2] [--epochs 3] [--subsample 2000]
+                   [--runs_dir runs/grid] [--extra="--batch_size 16"]
+
+Resumable: a run folder with summary.json is done and skipped; one without it was
+interrupted, so it is removed and run again from scratch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import report
+from config import build_parser
+
+DATA_DIR_ENV = "MINBERT_DATA_DIR"  # the same variable the data loaders read
+AUX_FILE = "yelp-aux-train.csv"
+# Options that take several values (`--seeds 0 1 2`); the dataclass stores them as text.
+LIST_OPTIONS = ("rows", "seeds")
+
+Runner = Callable[[list], str]
+DESCRIPTION = "Run the Table 1 grid (resumably), then write its table and figures."
+
+
+@dataclass
+class GridOptions:
+    rows: str = field(default="all", metadata={
+        "help": "rows to run, by slug or display name (e.g. finetune-mix-pcgrad-0.3), or 'all'"})
+    seeds: str = field(default="0", metadata={"help": "seeds, e.g. --seeds 0 1 2"})
+    epochs: int = field(default=3, metadata={"help": "training epochs per run"})
+    subsample: int = field(default=0, metadata={"help": "per-task training-set cap (0: all)"})
+    runs_dir: str = field(default="runs/grid", metadata={"help": "one folder per run below it"})
+    data_dir: str = field(default="", metadata={
+        "help": f"data folder; empty: ${DATA_DIR_ENV} or data"})
+    aux: str = field(default="", metadata={
+        "help": f"auxiliary-task file; empty: DATA_DIR/{AUX_FILE}"})
+    checkpoint: str = field(default="", metadata={
+        "help": "encoder checkpoint folder; empty: the trainer's default"})
+    extra: str = field(default="", metadata={
+        "help": "extra trainer arguments for every run, e.g. --extra=\"--batch_size 16\""})
+
+
+def parse_options(argv: Sequence[str] | None = None) -> GridOptions:
+    parser = build_parser(GridOptions, DESCRIPTION)
+    for action in parser._actions:
+        if action.dest in LIST_OPTIONS:
+            action.nargs = "+"
+    values = vars(parser.parse_args(argv))
+    for name in LIST_OPTIONS:
+        if isinstance(values[name], list):
+            # a newline keeps display names with spaces intact (see split_list)
+            values[name] = "\n".join(values[name])
+    return GridOptions(**values)
+
+
+def split_list(text: str, sep: str = r"[,\n]") -> list[str]:
+    return [item.strip() for item in re.split(sep, text) if item.strip()]
+
+
+def parse_seeds(text: str) -> list[int]:
+    return [int(s) for s in split_list(text, r"[,\s]+")]
+
+
+def data_dir(opts: GridOptions) -> str:
+    return opts.data_dir or os.environ.get(DATA_DIR_ENV, "data")
+
+
+def table1_rows(aux_path: str) -> list[dict]:
+    """The report's Table 1: (option, mode, pcgrad, aux, dropout) per row."""
+    def row(option: str, mode: str, dropout: float, pcgrad: bool = False, aux: bool = False):
+        return {"option": option, "mode": mode, "pcgrad": pcgrad,
+                "aux": aux_path if aux else "", "hidden_dropout_prob": dropout}
+    return ([row("pretrain", "mix", 0.3), row("finetune", "seq", 0.3)]
+            + [row("finetune", "mix", p) for p in (0.3, 0.5)]
+            + [row("finetune", "mix", p, pcgrad=True) for p in (0.3, 0.5)]
+            + [row("finetune", "mix", p, aux=True) for p in (0.3, 0.5)])
+
+
+def select_rows(rows: list[dict], wanted: str) -> list[dict]:
+    """Rows named in `wanted` (slugs or display names, case-insensitive), in table order."""
+    known = {report.config_slug(r).lower(): r for r in rows}
+    known.update({report.config_name(r).lower(): r for r in rows})
+    names = []
+    for item in split_list(wanted.lower()):
+        # "a b" is one display name if known, else space-separated slugs
+        names += [item] if item in known else item.split()
+    if names in ([], ["all"]):
+        return rows
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from: "
+                         + ", ".join(report.config_slug(r) for r in rows))
+    chosen = [id(known[n]) for n in names]
+    return [r for r in rows if id(r) in chosen]
+
+
+def trainer_argv(row: dict, seed: int, run_dir: str, opts: GridOptions) -> list[str]:
+    argv = ["--option", row["option"], "--mode", row["mode"]]
+    if row["pcgrad"]:
+        argv.append("--pcgrad")
+    if row["aux"]:
+        argv += ["--aux", row["aux"]]
+    argv += ["--hidden_dropout_prob", str(row["hidden_dropout_prob"]), "--epochs", str(opts.epochs),
+             "--seed", str(seed), "--run_dir", run_dir, "--data_dir", data_dir(opts)]
+    if opts.subsample > 0:
+        argv += ["--subsample", str(opts.subsample)]
+    if opts.checkpoint:
+        argv += ["--checkpoint", opts.checkpoint]
+    return argv + shlex.split(opts.extra)
+
+
+def is_done(run_dir: str) -> bool:
+    return os.path.isfile(os.path.join(run_dir, "summary.json"))
+
+
+def check_same_run(run_dir: str, row: dict, seed: int, opts: GridOptions) -> None:
+    """A finished folder counts as done only if it ran what is asked now; otherwise a
+    changed --epochs would silently reuse old numbers."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    wanted = {"option": row["option"], "mode": row["mode"], "pcgrad": row["pcgrad"],
+              "aux": bool(row["aux"]), "hidden_dropout_prob": float(row["hidden_dropout_prob"]),
+              "seed": seed, "epochs": opts.epochs}
+    found = {k: cfg.get(k) for k in wanted}
+    found["aux"], found["pcgrad"] = bool(found["aux"]), bool(found["pcgrad"])
+    if found.get("hidden_dropout_prob") is not None:
+        found["hidden_dropout_prob"] = float(found["hidden_dropout_prob"])
+    differ = {k: (found[k], wanted[k]) for k in wanted if found[k] != wanted[k]}
+    if differ:
+        raise SystemExit(f"{run_dir} is a finished run with other settings "
+                         f"(found, wanted): {differ}; remove it or use another --runs_dir")
+
+
+def default_runner() -> Runner:
+    import multitask_classifier  # imported late: it pulls in torch and the model
+    return multitask_classifier.main
+
+
+def run_grid(opts: GridOptions, runner: Runner | None = None) -> dict:
+    """Runs what is missing, then writes RUNS_DIR/report; returns report.write_report's dict."""
+    runner = runner or default_runner()
+    aux_path = opts.aux or os.path.join(data_dir(opts), AUX_FILE)
+    rows = select_rows(table1_rows(aux_path), opts.rows)
+    seeds = list(dict.fromkeys(parse_seeds(opts.seeds)))
+    if not seeds:
+        raise SystemExit("no seeds given")
+    # seeds outermost: a cut-short grid still has every row once
+    jobs = [(row, seed) for seed in seeds for row in rows]
+    for i, (row, seed) in enumerate(jobs, 1):
+        run_dir = os.path.join(opts.runs_dir, f"{report.config_slug(row)}-seed{seed}")
+        label = f"[{i}/{len(jobs)}] {report.config_name(row)} seed {seed}"
+        if is_done(run_dir):
+            check_same_run(run_dir, row, seed, opts)
+            print(f"{label}: done, skipping")
+            continue
+        if os.path.exists(run_dir):
+            print(f"{label}: {run_dir} has no summary.json (interrupted), rerunning from scratch")
+            shutil.rmtree(run_dir)
+        print(f"{label} -> {run_dir}", flush=True)
+        finished = runner(trainer_argv(row, seed, run_dir, opts)) or run_dir
+        if not is_done(finished):
+            print(f"warning: {finished} has no summary.json after the run")
+    return report.write_report(opts.runs_dir, os.path.join(opts.runs_dir, "report"))
+
+
+def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dict:
+    result = run_grid(parse_options(argv), runner)
+    print(result["table_md"])
+    for path in result["files"]:
+        print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+import argparse
+import json
+import os
+
+import pytest
+
+import grid
+
+
+class FakeTrainer:
+    """Stands in for multitask_classifier.main: records argv and writes a finished run
+    folder from it, with scores that depend on the seed."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv: list[str]) -> str:
+        self.calls.append(list(argv))
+        parser = argparse.ArgumentParser()
+        for name in ("option", "mode", "aux", "run_dir"):
+            parser.add_argument(f"--{name}", default="")
+        parser.add_argument("--pcgrad", action="store_true")
+        parser.add_argument("--hidden_dropout_prob", type=float)
+        parser.add_argument("--seed", type=int)
+        parser.add_argument("--epochs", type=int)
+        args, _ = parser.parse_known_args(argv)
+        run_dir = args.run_dir
+        os.makedirs(run_dir)
+        config = {k: v for k, v in vars(args).items() if k != "run_dir"}
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(config, f)
+        score = 0.5 + 0.01 * args.seed
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+            for epoch in range(1, args.epochs + 1):
+                f.write(json.dumps({"epoch": epoch, "dev": {"sst": score, "quora": score,
+                                    "sts": score}, "overall": score, "grad": {}}) + "\n")
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump({"epochs": args.epochs}, f)
+        return run_dir
+
+
+def refuse(argv):
+    raise AssertionError(f"nothing should run, got {argv}")
+
+
+def value(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def test_two_configurations_run_then_resume(tmp_path, capsys):
+    runs = str(tmp_path / "grid")
+    argv = ["--rows", "pretrain-0.3", "finetune-mix + PCGrad (0.5)", "--runs_dir", runs,
+            "--epochs", "2", "--data_dir", "D"]
+    trainer = FakeTrainer()
+    result = grid.main(argv, runner=trainer)
+    assert [value(a, "--run_dir") for a in trainer.calls] == [
+        os.path.join(runs, "pretrain-0.3-seed0"), os.path.join(runs, "finetune-mix-pcgrad-0.5-seed0")]
+    printed = capsys.readouterr().out
+    assert "[1/2] pretrain (dropout 0.3) seed 0 -> " in printed
+    assert "[2/2] finetune-mix + PCGrad (0.5) seed 0 -> " in printed
+    assert [row["name"] for row in result["rows"]] == ["pretrain (dropout 0.3)",
+                                                       "finetune-mix + PCGrad (0.5)"]
+    assert os.path.isfile(os.path.join(runs, "report", "table.md"))
+    assert os.path.isfile(os.path.join(runs, "report", "methods.png"))
+
+    grid.main(argv, runner=refuse)  # everything is finished: the runner must not be called
+    assert capsys.readouterr().out.count("done, skipping") == 2
+
+
+def test_interrupted_run_is_rerun_from_scratch(tmp_path, capsys):
+    runs = str(tmp_path / "grid")
+    argv = ["--rows", "finetune-seq-0.3", "finetune-mix-0.3", "--runs_dir", runs, "--epochs", "1"]
+    grid.main(argv, runner=FakeTrainer())
+    interrupted = os.path.join(runs, "finetune-mix-0.3-seed0")
+    os.remove(os.path.join(interrupted, "summary.json"))
+    with open(os.path.join(interrupted, "stale.txt"), "w") as f:
+        f.write("left by the killed run")
+    trainer = FakeTrainer()
+    grid.main(argv, runner=trainer)
+    assert [value(a, "--run_dir") for a in trainer.calls] == [interrupted]
+    assert not os.path.exists(os.path.join(interrupted, "stale.txt"))
+    assert os.path.isfile(os.path.join(interrupted, "summary.json"))
+    assert "interrupted" in capsys.readouterr().out
+
+
+def test_argv_of_every_table1_row(tmp_path):
+    runs = str(tmp_path / "grid")
+    trainer = FakeTrainer()
+    grid.main(["--runs_dir", runs, "--epochs", "1", "--subsample", "50", "--data_dir", "D",
+               "--checkpoint", "C", "--extra=--batch_size 4"], runner=trainer)
+    by_slug = {os.path.basename(value(a, "--run_dir")): a for a in trainer.calls}
+    assert list(by_slug) == [
+        "pretrain-0.3-seed0", "finetune-seq-0.3-seed0", "finetune-mix-0.3-seed0",
+        "finetune-mix-0.5-seed0", "finetune-mix-pcgrad-0.3-seed0", "finetune-mix-pcgrad-0.5-seed0",
+        "finetune-mix-aux-0.3-seed0", "finetune-mix-aux-0.5-seed0"]
+    aux_file = os.path.join("D", "yelp-aux-train.csv")
+    expected = {  # slug: (option, mode, pcgrad, aux, dropout)
+        "pretrain-0.3-seed0": ("pretrain", "mix", False, None, "0.3"),
+        "finetune-seq-0.3-seed0": ("finetune", "seq", False, None, "0.3"),
+        "finetune-mix-0.5-seed0": ("finetune", "mix", False, None, "0.5"),
+        "finetune-mix-pcgrad-0.3-seed0": ("finetune", "mix", True, None, "0.3"),
+        "finetune-mix-aux-0.5-seed0": ("finetune", "mix", False, aux_file, "0.5")}
+    for slug, (option, mode, pcgrad, aux, dropout) in expected.items():
+        argv = by_slug[slug]
+        assert (value(argv, "--option"), value(argv, "--mode")) == (option, mode)
+        assert ("--pcgrad" in argv) == pcgrad
+        assert value(argv, "--aux") == aux
+        assert value(argv, "--hidden_dropout_prob") == dropout
+        assert (value(argv, "--seed"), value(argv, "--epochs")) == ("0", "1")
+        assert (value(argv, "--subsample"), value(argv, "--data_dir")) == ("50", "D")
+        assert value(argv, "--checkpoint") == "C"
+        assert argv[-2:] == ["--batch_size", "4"]
+
+
+def test_seeds_run_outermost_and_defaults_leave_flags_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINBERT_DATA_DIR", "ENVDATA")
+    runs = str(tmp_path / "grid")
+    trainer = FakeTrainer()
+    grid.main(["--rows", "finetune-mix-aux-0.3,pretrain-0.3", "--seeds", "1", "2",
+               "--runs_dir", runs, "--epochs", "1"], runner=trainer)
+    names = [os.path.basename(value(a, "--run_dir")) for a in trainer.calls]
+    assert names == ["pretrain-0.3-seed1", "finetune-mix-aux-0.3-seed1",
+                     "pretrain-0.3-seed2", "finetune-mix-aux-0.3-seed2"]
+    first, aux_run = trainer.calls[0], trainer.calls[1]
+    assert "--subsample" not in first and "--checkpoint" not in first
+    assert value(first, "--data_dir") == "ENVDATA"
+    assert value(aux_run, "--aux") == os.path.join("ENVDATA", "yelp-aux-train.csv")
+
+
+def test_finished_run_with_other_settings_is_an_error(tmp_path):
+    runs = str(tmp_path / "grid")
+    grid.main(["--rows", "pretrain-0.3", "--runs_dir", runs, "--epochs", "1"], runner=FakeTrainer())
+    with pytest.raises(SystemExit, match="epochs"):
+        grid.main(["--rows", "pretrain-0.3", "--runs_dir", runs, "--epochs", "3"], runner=refuse)
+
+
+def test_unknown_row_lists_the_known_ones():
+    rows = grid.table1_rows("aux.csv")
+    with pytest.raises(SystemExit, match="finetune-mix-pcgrad-0.3"):
+        grid.select_rows(rows, "finetune-mix-0.7")
+    assert [grid.report.config_slug(r) for r in grid.select_rows(rows, "all")][:2] == [
+        "pretrain-0.3", "finetune-seq-0.3"]
+    assert len(grid.select_rows(rows, "pretrain-0.3 finetune-seq-0.3")) == 2
