@@ -1,0 +1,215 @@
+"""Readers for the starter's tab-separated data files, and the batching that feeds the
+encoder: dynamic padding through the project tokenizer, optional length bucketing."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from tokenizer import BertTokenizer, Encoded
+
+DATA_DIR_ENV = "MINBERT_DATA_DIR"
+MAX_REPORTED_LINES = 5
+LOG = logging.getLogger("minbert.data")
+
+
+class DataError(ValueError):
+    """A data file that cannot be read: the message names the file (and line)."""
+
+
+def default_data_dir() -> str:
+    return os.environ.get(DATA_DIR_ENV, "data")
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """How a label column is parsed and checked."""
+    column: str
+    low: float
+    high: float
+    integer: bool  # class ids (int64) rather than scores (float32)
+
+    def parse(self, raw: str) -> float | int:
+        value = float(raw)
+        if self.integer:
+            if value != int(value):
+                raise ValueError(f"{raw!r} is not a whole number")
+            value = int(value)
+        if not self.low <= value <= self.high:
+            raise ValueError(f"{raw!r} is outside {self.low:g}..{self.high:g}")
+        return value
+
+
+SENTIMENT_5 = LabelSpec("sentiment", 0, 4, integer=True)  # SST-5, Yelp stars - 1
+SENTIMENT_2 = LabelSpec("sentiment", 0, 1, integer=True)  # CFIMDB
+PARAPHRASE = LabelSpec("is_duplicate", 0, 1, integer=True)  # Quora
+SIMILARITY = LabelSpec("similarity", 0.0, 5.0, integer=False)  # STS-B
+
+
+@dataclass
+class Example:
+    id: str
+    texts: tuple[str, ...]  # one sentence, or a pair
+    label: float | int | None = None
+
+
+def read_examples(path: str, text_columns: Sequence[str],
+                  label: LabelSpec | None = None) -> list[Example]:
+    """Read a starter file. Rows with an empty field are skipped with one DataWarning that
+    counts them; a missing file or column, or a label out of range, raises DataError."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found (see data/README.md to fetch the data)")
+    columns = ["id", *text_columns] + ([label.column] if label else [])
+    examples, skipped = [], []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        absent = [c for c in columns if c not in (reader.fieldnames or [])]
+        if absent:
+            raise DataError(f"{path}: missing column(s) {', '.join(absent)} "
+                            f"(header has {', '.join(reader.fieldnames or []) or 'nothing'})")
+        for row in reader:
+            values = [row.get(c) for c in columns]
+            if any(v is None or not v.strip() for v in values):
+                skipped.append(reader.line_num)
+                continue
+            examples.append(Example(row["id"].strip(),
+                                    tuple(row[c].strip() for c in text_columns),
+                                    parse_label(label, row, path, reader.line_num)))
+    if skipped:
+        lines = ", ".join(map(str, skipped[:MAX_REPORTED_LINES]))
+        more = ", ..." if len(skipped) > MAX_REPORTED_LINES else ""
+        LOG.warning(f"{path}: skipped {len(skipped)} row(s) with an empty field "
+                    f"(line {lines}{more})")
+    if not examples:
+        raise DataError(f"{path}: no usable rows")
+    return examples
+
+
+def parse_label(spec: LabelSpec | None, row: dict, path: str, line: int) -> float | int | None:
+    if spec is None:
+        return None
+    try:
+        return spec.parse(row[spec.column])
+    except ValueError as err:
+        raise DataError(f"{path}, line {line}: bad {spec.column} label: {err}") from None
+
+
+def read_sentences(path: str, label: LabelSpec | None = None) -> list[Example]:
+    return read_examples(path, ["sentence"], label)
+
+
+def read_pairs(path: str, label: LabelSpec | None = None) -> list[Example]:
+    return read_examples(path, ["sentence1", "sentence2"], label)
+
+
+# --- batching ------------------------------------------------------------------------------
+
+class ExampleDataset(Dataset):
+    def __init__(self, examples: Sequence[Example]):
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+
+@dataclass
+class Batch:
+    ids: list[str]
+    encoded: Encoded  # (B, T); for a bi-encoder pair batch (2B, T): first sentences, then seconds
+    labels: torch.Tensor | None  # (B,) int64 class ids or float32 scores
+
+    def to(self, device: torch.device | str) -> "Batch":
+        labels = None if self.labels is None else self.labels.to(device, non_blocking=True)
+        return Batch(self.ids, self.encoded.to(device), labels)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class Collator:
+    """Examples -> Batch. A pair is one `[CLS] a [SEP] b [SEP]` input (cross-encoder) or,
+    with `separate=True`, its two sentences are stacked as 2B single inputs (bi-encoder),
+    so that one encoder pass serves both sides."""
+
+    def __init__(self, tokenizer: BertTokenizer, separate: bool = False):
+        self.tokenizer = tokenizer
+        self.separate = separate
+
+    def __call__(self, examples: Sequence[Example]) -> Batch:
+        columns = [list(col) for col in zip(*(e.texts for e in examples))]
+        if len(columns) == 2 and not self.separate:
+            encoded = self.tokenizer.encode(columns[0], columns[1])
+        else:
+            encoded = self.tokenizer.encode([text for col in columns for text in col])
+        labels = None
+        if examples[0].label is not None:
+            dtype = torch.long if isinstance(examples[0].label, int) else torch.float32
+            labels = torch.tensor([e.label for e in examples], dtype=dtype)
+        return Batch([e.id for e in examples], encoded, labels)
+
+    def lengths(self, examples: Sequence[Example]) -> list[int]:
+        columns = [list(col) for col in zip(*(e.texts for e in examples))]
+        if len(columns) == 2 and not self.separate:
+            return self.tokenizer.lengths(columns[0], columns[1])
+        per_column = [self.tokenizer.lengths(col) for col in columns]
+        return [max(ls) for ls in zip(*per_column)]
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Length-bucketed batches: shuffle, sort by length within chunks of `chunk_batches`
+    batches, cut into batches, shuffle the batches. Batches hold similar lengths, so
+    little compute goes to padding; the order still changes every epoch."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0,
+                 chunk_batches: int = 50):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.chunk = batch_size * chunk_batches
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        self.epoch += 1
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        batches = []
+        for start in range(0, len(order), self.chunk):
+            chunk = sorted(order[start:start + self.chunk], key=self.lengths.__getitem__)
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(batches)
+        return iter(batches)
+
+
+def make_loader(examples: Sequence[Example], collate: Collator, batch_size: int,
+                shuffle: bool, bucket: bool = False, seed: int = 0) -> DataLoader:
+    """Training loaders shuffle (optionally bucketed by length); evaluation loaders keep
+    the file order."""
+    dataset = ExampleDataset(examples)
+    if shuffle and bucket:
+        sampler = BucketBatchSampler(collate.lengths(examples), batch_size, seed)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+                      generator=generator)
+
+
+def subsample(examples: list[Example], limit: int, seed: int) -> list[Example]:
+    """A fixed random subset of at most `limit` examples (0 = all)."""
+    if not limit or limit >= len(examples):
+        return examples
+    return random.Random(seed).sample(examples, limit)
+

@@ -1,0 +1,109 @@
+"""PCGrad: gradient surgery for multi-task learning (Yu et al., 2020; the report's
+Algorithm 1).
+
+For each task i, over the other tasks j in random order: if g_i . g_j < 0, project g_i
+onto the normal plane of the original g_j, g_i <- g_i - (g_i . g_j / ||g_j||^2) g_j.
+The update is the sum (or mean) of the projected gradients.
+
+Every projected g_i stays in the span of the original task gradients, so the whole
+surgery runs on their K x K Gram matrix: g_i' = sum_m C[i, m] g_m, and
+g_i' . g_j = (C G)[i, j]. The P-dimensional vectors are touched twice: once for the
+Gram matrix, once for the final weighted sum.
+"""
+from __future__ import annotations
+
+import random
+from typing import Iterable, Sequence
+
+import torch
+
+
+def project_coefficients(gram: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    """C (K, K) with g_i' = sum_m C[i, m] g_m, from the Gram matrix G[i, j] = g_i . g_j."""
+    num_tasks = gram.shape[0]
+    coeffs = torch.eye(num_tasks, dtype=gram.dtype, device=gram.device)
+    for i in range(num_tasks):
+        others = [j for j in range(num_tasks) if j != i]
+        rng.shuffle(others)
+        for j in others:
+            dot = coeffs[i] @ gram[:, j]  # g_i' . g_j
+            # A zero g_j has no direction to project off (and would divide by zero).
+            if dot < 0 and gram[j, j] > 0:
+                coeffs[i, j] -= dot / gram[j, j]
+    return coeffs
+
+
+def combine_weights(gram: torch.Tensor, rng: random.Random, project: bool = True,
+                    reduction: str = "sum") -> torch.Tensor:
+    """w (K,) such that the update is sum_m w[m] g_m."""
+    num_tasks = gram.shape[0]
+    coeffs = project_coefficients(gram, rng) if project else torch.eye(num_tasks, dtype=gram.dtype)
+    weights = coeffs.sum(0)
+    return weights / num_tasks if reduction == "mean" else weights
+
+
+def project_conflicting(grads: torch.Tensor, rng: random.Random, reduction: str = "sum",
+                        project: bool = True) -> torch.Tensor:
+    """The PCGrad update from per-task flat gradients (K, P) -> (P,)."""
+    gram = (grads.double() @ grads.double().T)
+    weights = combine_weights(gram, rng, project, reduction)
+    return weights.to(grads.dtype) @ grads
+
+
+def gradient_cosines(gram: torch.Tensor) -> torch.Tensor:
+    """Cosine between each pair of task gradients, (K, K); 0 where a gradient is zero."""
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    denom = norms[:, None] * norms[None, :]
+    return torch.where(denom > 0, gram / denom.clamp(min=1e-30), torch.zeros_like(gram))
+
+
+class PCGrad:
+    """Per-task backward passes into preallocated flat buffers, then PCGrad (or, with
+    project=False, the plain sum) written back as the shared parameters' gradients.
+
+    Only `shared_params` (the encoder) take part: each head belongs to one task, gets its
+    task's gradient unchanged through ordinary accumulation, and stays out of the
+    projection. Use with any torch optimizer: pc_backward(losses), then optimizer.step().
+    """
+
+    def __init__(self, shared_params: Iterable[torch.nn.Parameter], num_tasks: int,
+                 project: bool = True, reduction: str = "sum", seed: int = 0):
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        self.params = [p for p in shared_params if p.requires_grad]
+        self.num_tasks = num_tasks
+        self.project = project
+        self.reduction = reduction
+        self.rng = random.Random(seed)
+        size = sum(p.numel() for p in self.params)
+        device = self.params[0].device if self.params else torch.device("cpu")
+        # Allocated once: a fresh (K, P) buffer every step costs tens of ms for MiniLM.
+        self.grads = torch.zeros(num_tasks, size, device=device)  # (K, P)
+        self.update = torch.zeros(size, device=device)  # (P,)
+        self.task_views = [self._views(self.grads[k]) for k in range(num_tasks)]
+        self.update_views = self._views(self.update)
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        views, offset = [], 0
+        for p in self.params:
+            views.append(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return views
+
+    def pc_backward(self, losses: Sequence[torch.Tensor], shared_graph: bool = False) -> torch.Tensor:
+        """Backward each task's loss, combine the shared gradients, and return the
+        (K, K) Gram matrix of the task gradients for diagnostics. `shared_graph=True`
+        when the losses share part of one graph (one forward pass for all tasks)."""
+        if len(losses) != self.num_tasks:
+            raise ValueError(f"expected {self.num_tasks} losses, got {len(losses)}")
+        self.grads.zero_()
+        for k, (loss, views) in enumerate(zip(losses, self.task_views)):
+            for p, view in zip(self.params, views):
+                p.grad = view  # autograd accumulates in place: the gradient lands in the row
+            loss.backward(retain_graph=shared_graph and k < len(losses) - 1)
+        gram = self.grads @ self.grads.T  # (K, K)
+        weights = combine_weights(gram.double().cpu(), self.rng, self.project, self.reduction)
+        torch.mv(self.grads.T, weights.to(self.grads), out=self.update)
+        for p, view in zip(self.params, self.update_views):
+            p.grad = view
+        return gram.detach().cpu()

@@ -1,0 +1,103 @@
+"""End-to-end runs of both scripts on a tiny random BERT and tiny data files."""
+import json
+import os
+
+import pytest
+import torch
+
+import classifier
+import multitask_classifier as mtc
+from evaluation import read_predictions
+
+
+def run_args(tiny_checkpoint, tiny_data, run_dir, *extra):
+    return ["--checkpoint", tiny_checkpoint, "--data_dir", tiny_data, "--run_dir", str(run_dir),
+            "--epochs", "4", "--lr", "3e-3", "--batch_size_sst", "4", "--batch_size_quora", "4",
+            "--batch_size_sts", "4", "--batch_size_aux", "4", "--no-progress", "--seed", "1",
+            *extra]
+
+
+def epochs(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("extra", [
+    ["--option", "pretrain", "--mode", "mix"],
+    ["--option", "finetune", "--mode", "seq"],
+    ["--option", "finetune", "--mode", "mix", "--quora_encoding", "cross", "--sts_encoding", "cross"],
+    ["--option", "finetune", "--mode", "mix", "--pcgrad"],
+    ["--option", "finetune", "--mode", "mix", "--pcgrad", "--aux", "AUX"],
+], ids=["pretrain", "seq", "mix-cross", "mix-pcgrad", "mix-pcgrad-aux"])
+def test_modes_train_and_write_results(tiny_checkpoint, tiny_data, tmp_path, extra):
+    extra = [os.path.join(tiny_data, "yelp-aux-train.csv") if a == "AUX" else a for a in extra]
+    run_dir = mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "run", *extra))
+    records = epochs(run_dir)
+    assert len(records) == 4
+    first, last = records[0]["train_loss"], records[-1]["train_loss"]
+    assert sum(last.values()) < sum(first.values())
+    assert set(records[0]["dev"]) == {"sst", "quora", "sts"}
+    if "--aux" in extra:
+        assert "aux" in first
+    if "--pcgrad" in extra:
+        assert set(records[0]["grad"]) == {"sst/quora", "sst/sts", "quora/sts"} | (
+            {"sst/aux", "quora/aux", "sts/aux"} if "--aux" in extra else set())
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    best = records[summary["best_epoch"] - 1]
+    assert best["overall"] == max(r["overall"] for r in records)
+    files = sorted(os.listdir(os.path.join(run_dir, "predictions")))
+    assert files == ["quora-dev-output.csv", "sst-dev-output.csv", "sst-test-output.csv",
+                     "sts-dev-output.csv", "sts-test-output.csv"]
+
+
+def test_pretrain_freezes_the_encoder(tiny_checkpoint, tiny_data, tmp_path):
+    run_dir = mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "run",
+                                "--option", "pretrain", "--epochs", "1"))
+    saved = torch.load(os.path.join(run_dir, "best.pt"), weights_only=True)
+    from base_bert import from_pretrained
+    original = from_pretrained(tiny_checkpoint).state_dict()
+    for name, tensor in original.items():
+        torch.testing.assert_close(saved["model"][f"encoder.{name}"], tensor)
+
+
+def test_checkpoint_reloads_to_identical_predictions(tiny_checkpoint, tiny_data, tmp_path):
+    run_dir = mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "run", "--epochs", "2"))
+    eval_dir = mtc.main(["--eval_only", "--load", os.path.join(run_dir, "best.pt"),
+                         "--data_dir", tiny_data, "--run_dir", str(tmp_path / "eval")])
+    for name in os.listdir(os.path.join(run_dir, "predictions")):
+        assert read_predictions(os.path.join(eval_dir, "predictions", name)) == \
+            read_predictions(os.path.join(run_dir, "predictions", name))
+
+
+def test_seeded_runs_repeat(tiny_checkpoint, tiny_data, tmp_path):
+    args = ["--epochs", "1", "--pcgrad"]
+    a = epochs(mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "a", *args)))
+    b = epochs(mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "b", *args)))
+    assert a[0]["train_loss"] == b[0]["train_loss"] and a[0]["dev"] == b[0]["dev"]
+
+
+@pytest.mark.parametrize("task", ["sst", "cfimdb"])
+def test_classifier_trains_and_predicts(tiny_checkpoint, tiny_data, tmp_path, task):
+    run_dir = tmp_path / task
+    summary = classifier.main(["--task", task, "--option", "finetune", "--checkpoint",
+                               tiny_checkpoint, "--data_dir", tiny_data, "--run_dir", str(run_dir),
+                               "--epochs", "4", "--lr", "3e-3", "--batch_size", "4",
+                               "--no-progress"])
+    records = epochs(run_dir)
+    assert records[-1]["train_loss"][task] < records[0]["train_loss"][task]
+    assert summary["best"][task] == max(r["dev"][task] for r in records)
+    preds = read_predictions(os.path.join(run_dir, "predictions", f"{task}-dev-output.csv"))
+    assert len(preds) == 24 and set(preds.values()) <= {"0", "1", "2", "3", "4"}
+
+
+def test_cli_errors_name_the_problem(tiny_checkpoint, tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["mtc", "--data_dir", str(tmp_path / "none"),
+                                     "--checkpoint", tiny_checkpoint])
+    assert mtc.cli() == 2
+    assert "ids-sst-train.csv: file not found" in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["mtc", "--mode", "seq", "--pcgrad"])
+    assert mtc.cli() == 2
+    assert "--pcgrad needs --mode mix" in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["clf", "--checkpoint", str(tmp_path / "nowhere")])
+    assert classifier.cli() == 2
+    assert "nowhere: checkpoint folder not found" in capsys.readouterr().err

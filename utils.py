@@ -1,0 +1,60 @@
+"""Script helpers: atomic writes, seeding, device choice, checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = "w") -> None:
+    """Write through `write(file)` into a temporary file beside `path`, then rename it
+    over `path`: a crash never leaves a half-written result or checkpoint."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj: Any) -> None:
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True))
+
+
+def append_jsonl(path: str, obj: Any) -> None:
+    """Append one line; the previous lines are rewritten with it, atomically."""
+    previous = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    atomic_write(path, lambda f: f.write(previous + json.dumps(obj, sort_keys=True) + "\n"))
+
+
+def save_checkpoint(path: str, payload: dict) -> None:
+    """Plain tensors, dicts, lists and numbers only, so `weights_only=True` can load it."""
+    atomic_write(path, lambda f: torch.save(payload, f), mode="wb")
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def choose_device(use_gpu: bool) -> torch.device:
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
