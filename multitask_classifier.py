@@ -168,8 +168,18 @@ def train(cfg: MultitaskConfig) -> str:
         seed=cfg.seed, progress=cfg.progress)
     extra = {"config": config_to_dict(cfg), "bert_config": dataclasses.asdict(encoder.config)}
     summary = Trainer(model, tasks, settings, device, run_dir, extra).fit()
-    print(f"best epoch {summary['best_epoch']}: {format_dev(summary['best'])}\nrun folder: {run_dir}")
+    print(dev_table(summary, tasks, cfg) + f"\nrun folder: {run_dir}")
     return run_dir
+
+
+def dev_table(summary: dict, tasks: list[Task], cfg: MultitaskConfig) -> str:
+    best = summary["best"]
+    lines = [f"dev results of {cfg.run_name()} (best epoch {summary['best_epoch']} of "
+             f"{summary['epochs']}{', training subsample ' + str(cfg.subsample) if cfg.subsample else ''})",
+             f"  {'task':<8}{'metric':<10}{'value':>7}"]
+    lines += [f"  {t.name:<8}{t.metric_name:<10}{best[t.name]:>7.3f}" for t in tasks if t.spec.evaluated]
+    lines.append(f"  {'overall':<8}{'mean':<10}{best['overall']:>7.3f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> str:

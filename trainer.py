@@ -76,6 +76,22 @@ def make_optimizer(params, settings: TrainSettings, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def mix_step(model: MultitaskBERT, tasks: list[Task], batches: list[Batch], optimizer,
+             surgery: PCGrad | None = None) -> tuple[list[float], torch.Tensor | None]:
+    """One finetune-mix step: a batch of every task, losses summed, or their encoder
+    gradients combined by PCGrad. Returns the task losses and the gradient Gram matrix."""
+    optimizer.zero_grad(set_to_none=True)
+    losses = [task.loss(model(task.name, batch), batch.labels)
+              for task, batch in zip(tasks, batches)]
+    if surgery is not None:
+        gram = surgery.pc_backward(losses)  # PCGrad, or the plain sum + diagnostics
+    else:
+        gram = None
+        torch.stack(losses).sum().backward()
+    optimizer.step()
+    return [loss.item() for loss in losses], gram
+
+
 class Trainer:
     """Trains, evaluates each epoch, keeps the best checkpoint by the mean dev metric, and
     writes metrics (JSON lines) and the best model's predictions into `run_dir`."""
@@ -98,20 +114,21 @@ class Trainer:
     def fit(self) -> dict:
         train_epoch = self.train_epoch_mix if self.settings.mode == "mix" else self.train_epoch_seq
         self.setup_optimizers()
-        best, best_epoch = -math.inf, 0
+        best, best_epoch, best_dev = -math.inf, 0, {}
         for epoch in range(1, self.settings.epochs + 1):
             start = time.time()
             losses, grad_stats = train_epoch(epoch)
-            dev = self.evaluate()
+            dev, outputs = self.evaluate()
             overall = sum(dev.values()) / len(dev)
             record = {"epoch": epoch, "train_loss": losses, "dev": dev, "overall": overall,
                       "grad": grad_stats, "seconds": round(time.time() - start, 1)}
             append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), record)
             self.log(format_epoch(record))
             if overall > best:
-                best, best_epoch = overall, epoch
+                best, best_epoch, best_dev = overall, epoch, {**dev, "overall": overall}
                 self.save(epoch, dev, overall)
-        return self.finish(best_epoch)
+                self.write_dev_predictions(outputs)
+        return self.finish(best_epoch, best_dev)
 
     def setup_optimizers(self) -> None:
         s = self.settings
@@ -130,19 +147,6 @@ class Trainer:
                                        s.epochs * len(self.loaders[t.name]))
                 for t in self.tasks}
 
-    def mix_step(self, batches: list[Batch]) -> tuple[list[float], torch.Tensor | None]:
-        self.optimizer.zero_grad(set_to_none=True)
-        losses = [task.loss(self.model(task.name, batch), batch.labels)
-                  for task, batch in zip(self.tasks, batches)]
-        if self.surgery is not None:
-            gram = self.surgery.pc_backward(losses)  # PCGrad, or the plain sum + diagnostics
-        else:
-            gram = None
-            torch.stack(losses).sum().backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        return [loss.item() for loss in losses], gram
-
     def train_epoch_mix(self, epoch: int) -> tuple[dict, dict]:
         self.model.train()
         steps = max(len(loader) for loader in self.loaders.values())
@@ -150,7 +154,8 @@ class Trainer:
         totals, diagnostics = [0.0] * len(self.tasks), GradDiagnostics(self.tasks)
         for _ in self.progress(range(steps), f"epoch {epoch} mix"):
             batches = [next(stream).to(self.device) for stream in streams]
-            losses, gram = self.mix_step(batches)
+            losses, gram = mix_step(self.model, self.tasks, batches, self.optimizer, self.surgery)
+            self.scheduler.step()
             totals = [t + loss for t, loss in zip(totals, losses)]
             diagnostics.add(gram)
         return ({t.name: total / steps for t, total in zip(self.tasks, totals)},
@@ -179,24 +184,30 @@ class Trainer:
 
     # --- evaluation and results ----------------------------------------------------------
 
-    def evaluate(self) -> dict[str, float]:
-        dev = {}
+    def evaluate(self) -> tuple[dict[str, float], dict[str, tuple[list, list]]]:
+        """Dev metric per task, and the (ids, predictions) behind it."""
+        dev, outputs = {}, {}
         for task in self.eval_tasks:
-            _, predictions, labels = predict(self.model, task, eval_loader(task, task.dev),
-                                             self.device)
+            ids, predictions, labels = predict(self.model, task, eval_loader(task, task.dev),
+                                               self.device)
             dev[task.name] = task.metric(predictions, labels)
-        return dev
+            outputs[task.name] = (ids, predictions)
+        return dev, outputs
+
+    def write_dev_predictions(self, outputs: dict[str, tuple[list, list]]) -> None:
+        for task in self.eval_tasks:
+            write_predictions(prediction_path(self.run_dir, task, "dev"), *outputs[task.name],
+                              task.spec.prediction_label)
 
     def save(self, epoch: int, dev: dict, overall: float) -> None:
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         save_checkpoint(self.best_path, {"model": state, "epoch": epoch, "dev": dev,
                                          "overall": overall, **self.checkpoint_extra})
 
-    def finish(self, best_epoch: int) -> dict:
-        """Reload the best checkpoint, write its predictions, mark the run complete."""
+    def finish(self, best_epoch: int, best: dict) -> dict:
+        """Reload the best checkpoint, write its test predictions, mark the run complete."""
         self.model.load_state_dict(load_checkpoint(self.best_path)["model"])
-        best = write_all_predictions(self.model, self.eval_tasks, self.run_dir, self.device)
-        best["overall"] = sum(best.values()) / len(best)
+        write_all_predictions(self.model, self.eval_tasks, self.run_dir, self.device, ("test",))
         summary = {"best_epoch": best_epoch, "best": best, "epochs": self.settings.epochs}
         write_json(os.path.join(self.run_dir, "summary.json"), summary)
         return summary
@@ -207,17 +218,22 @@ def eval_loader(task: Task, examples):
     return make_loader(examples, task.collate, max(task.batch_size, 32), shuffle=False)
 
 
-def write_all_predictions(model, tasks: list[Task], run_dir: str, device) -> dict:
-    """Dev and test prediction files per task (the starter's layout); returns dev metrics."""
+def prediction_path(run_dir: str, task: Task, split: str) -> str:
+    return os.path.join(run_dir, "predictions", f"{task.name}-{split}-output.csv")
+
+
+def write_all_predictions(model, tasks: list[Task], run_dir: str, device,
+                          splits: tuple[str, ...] = ("dev", "test")) -> dict:
+    """Prediction files per task and split (the starter's layout); returns dev metrics."""
     dev = {}
-    folder = os.path.join(run_dir, "predictions")
     for task in tasks:
-        for split, examples in (("dev", task.dev), ("test", task.test)):
+        for split in splits:
+            examples = task.dev if split == "dev" else task.test
             if not examples:
                 continue
             ids, predictions, labels = predict(model, task, eval_loader(task, examples), device)
-            write_predictions(os.path.join(folder, f"{task.name}-{split}-output.csv"), ids,
-                              predictions, task.spec.prediction_label)
+            write_predictions(prediction_path(run_dir, task, split), ids, predictions,
+                              task.spec.prediction_label)
             if split == "dev":
                 dev[task.name] = task.metric(predictions, labels)
     return dev
