@@ -7,19 +7,18 @@ SST-5 or CFIMDB on a pooled sentence vector with dropout and a linear head.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 
-from base_bert import CheckpointError, from_pretrained
+from base_bert import from_pretrained
 from config import ConfigError, config_to_dict, parse_config
-from datasets import DataError, default_data_dir
+from datasets import default_data_dir
 from tasks import POOLINGS, SPECS, build_task
 from tokenizer import BertTokenizer
 from trainer import MultitaskBERT, Trainer, TrainSettings
-from utils import choose_device, seed_everything, write_json
+from utils import choose_device, run_cli, seed_everything, write_json
 
 
 @dataclass
@@ -85,13 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli() -> int:
-    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.INFO)
-    try:
-        main()
-    except (DataError, CheckpointError, ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main)
 
 
 if __name__ == "__main__":

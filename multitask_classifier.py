@@ -8,20 +8,19 @@ frozen), finetune-seq, finetune-mix, finetune-mix with PCGrad.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 
-from base_bert import CheckpointError, default_checkpoint_path, from_pretrained
+from base_bert import default_checkpoint_path, from_pretrained
 from bert import BertModel
 from config import BertConfig, ConfigError, config_to_dict, parse_config
-from datasets import DataError, default_data_dir, subsample
+from datasets import default_data_dir, subsample
 from tasks import ENCODINGS, POOLINGS, SPECS, Task, aux_spec, build_task
 from tokenizer import BertTokenizer
 from trainer import MultitaskBERT, Trainer, TrainSettings, write_all_predictions
-from utils import choose_device, load_checkpoint, seed_everything, write_json
+from utils import choose_device, load_checkpoint, run_cli, seed_everything, write_json
 
 TASK_NAMES = ("sst", "quora", "sts")
 
@@ -189,13 +188,7 @@ def main(argv: list[str] | None = None) -> str:
 
 
 def cli() -> int:
-    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.INFO)
-    try:
-        main()
-    except (DataError, CheckpointError, ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import random
 import tempfile
 from typing import Any, Callable
@@ -58,3 +60,18 @@ def seed_everything(seed: int) -> None:
 
 def choose_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def run_cli(main: Callable[[], Any]) -> int:
+    """A script's entry point: bad input (a data file, a checkpoint, an option) becomes
+    one clear message on stderr and exit code 2, not a traceback."""
+    from base_bert import CheckpointError
+    from config import ConfigError
+    from datasets import DataError
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.INFO)
+    try:
+        main()
+    except (DataError, CheckpointError, ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
