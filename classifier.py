@@ -18,7 +18,7 @@ from datasets import default_data_dir
 from tasks import POOLINGS, SPECS, build_task
 from tokenizer import BertTokenizer
 from trainer import MultitaskBERT, Trainer, TrainSettings
-from utils import choose_device, run_cli, seed_everything, write_json
+from utils import choose_device, run_cli, seed_everything, use_bf16, write_json
 
 
 @dataclass
@@ -45,6 +45,9 @@ class ClassifierConfig:
     bucket: bool = field(default=True, metadata={"help": "length-bucketed training batches"})
     run_dir: str = field(default="", metadata={"help": "output folder (default runs/<name>-<time>)"})
     progress: bool = True
+    precision: str = field(default="fp32", metadata={
+        "help": "bf16: bfloat16 autocast; auto: bf16 where the hardware computes it natively",
+        "choices": ["fp32", "bf16", "auto"]})
 
     def __post_init__(self) -> None:
         if not self.lr:
@@ -72,7 +75,7 @@ def train(cfg: ClassifierConfig) -> dict:
         grad_diagnostics=False, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
         scheduler=cfg.scheduler, bucket=cfg.bucket, seed=cfg.seed, progress=cfg.progress)
     extra = {"config": config_to_dict(cfg), "bert_config": dataclasses.asdict(encoder.config)}
-    model = MultitaskBERT(encoder, {task.name: task.head})
+    model = MultitaskBERT(encoder, {task.name: task.head}, bf16=use_bf16(cfg.precision, device))
     summary = Trainer(model, [task], settings, device, run_dir, extra).fit()
     print(f"{name}: best epoch {summary['best_epoch']}, dev accuracy "
           f"{summary['best'][task.name]:.3f}; predictions in {run_dir}/predictions")

@@ -20,7 +20,8 @@ from datasets import default_data_dir, subsample
 from tasks import ENCODINGS, POOLINGS, SPECS, Task, aux_spec, build_task
 from tokenizer import BertTokenizer
 from trainer import MultitaskBERT, Trainer, TrainSettings, write_all_predictions
-from utils import choose_device, load_checkpoint, run_cli, seed_everything, write_json
+from utils import (choose_device, load_checkpoint, run_cli, seed_everything, use_bf16,
+                   write_json)
 
 TASK_NAMES = ("sst", "quora", "sts")
 
@@ -78,6 +79,9 @@ class MultitaskConfig:
     eval_only: bool = field(default=False, metadata=_help("evaluate and predict from --load"))
     load: str = field(default="", metadata=_help("a best.pt checkpoint, for --eval_only"))
     progress: bool = field(default=True, metadata=_help("tqdm progress bars"))
+    precision: str = field(default="fp32", metadata=_help(
+        "bf16: bfloat16 autocast; auto: bf16 where the hardware computes it natively",
+        choices=["fp32", "bf16", "auto"]))
 
     def __post_init__(self) -> None:
         if not self.lr:
@@ -117,7 +121,8 @@ def build_tasks(cfg: MultitaskConfig, tokenizer: BertTokenizer, bert_config: Ber
 
 def build_model(cfg: MultitaskConfig, encoder: BertModel,
                 tasks: list[Task]) -> MultitaskBERT:
-    return MultitaskBERT(encoder, {t.name: t.head for t in tasks})
+    bf16 = use_bf16(cfg.precision, choose_device(cfg.use_gpu))
+    return MultitaskBERT(encoder, {t.name: t.head for t in tasks}, bf16=bf16)
 
 
 def evaluate_checkpoint(cfg: MultitaskConfig) -> str:
@@ -154,7 +159,7 @@ def train(cfg: MultitaskConfig) -> str:
     run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.run_name()}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(run_dir, exist_ok=True)
     write_json(os.path.join(run_dir, "config.json"), config_to_dict(cfg))
-    print(f"{cfg.run_name()} on {device}: checkpoint {cfg.checkpoint or default_checkpoint_path()}")
+    print(f"{cfg.run_name()} on {device}{' (bf16 autocast)' if model.bf16 else ''}: checkpoint {cfg.checkpoint or default_checkpoint_path()}")
     for task in tasks:
         note = f" (subsample of {cfg.subsample})" if cfg.subsample else ""
         print(f"  {task.name}: {len(task.train)} train{note}, {len(task.dev)} dev, "

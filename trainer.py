@@ -28,15 +28,20 @@ from utils import append_jsonl, load_checkpoint, save_checkpoint, write_json
 
 
 class MultitaskBERT(nn.Module):
-    """One shared encoder and one head per task (the report's section 4.2)."""
+    """One shared encoder and one head per task (the report's section 4.2).
+    `bf16=True` runs the forward pass under bfloat16 autocast (fp32 weights, optimizer
+    and losses); the outputs come back as fp32."""
 
-    def __init__(self, encoder: BertModel, heads: dict[str, nn.Module]):
+    def __init__(self, encoder: BertModel, heads: dict[str, nn.Module], bf16: bool = False):
         super().__init__()
         self.encoder = encoder
         self.heads = nn.ModuleDict(heads)
+        self.bf16 = bf16
 
     def forward(self, task_name: str, batch: Batch) -> torch.Tensor:
-        return self.heads[task_name](self.encoder, batch)
+        device_type = batch.encoded.input_ids.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.heads[task_name](self.encoder, batch).float()
 
 
 @dataclass

@@ -62,6 +62,24 @@ def choose_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the hardware computes bfloat16 natively: emulated bf16 on a CPU without
+    AVX512-BF16 or AMX is slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """--precision: fp32, bf16 (autocast), or auto (bf16 where the hardware has it)."""
+    return precision == "bf16" or (precision == "auto" and native_bf16(device))
+
+
 def run_cli(main: Callable[[], Any]) -> int:
     """A script's entry point: bad input (a data file, a checkpoint, an option) becomes
     one clear message on stderr and exit code 2, not a traceback."""

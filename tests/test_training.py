@@ -28,7 +28,8 @@ def epochs(run_dir):
     ["--option", "finetune", "--mode", "mix", "--quora_encoding", "cross", "--sts_encoding", "cross"],
     ["--option", "finetune", "--mode", "mix", "--pcgrad"],
     ["--option", "finetune", "--mode", "mix", "--pcgrad", "--aux", "AUX"],
-], ids=["pretrain", "seq", "mix-cross", "mix-pcgrad", "mix-pcgrad-aux"])
+    ["--option", "finetune", "--mode", "mix", "--pcgrad", "--precision", "bf16"],
+], ids=["pretrain", "seq", "mix-cross", "mix-pcgrad", "mix-pcgrad-aux", "mix-pcgrad-bf16"])
 def test_modes_train_and_write_results(tiny_checkpoint, tiny_data, tmp_path, extra):
     extra = [os.path.join(tiny_data, "yelp-aux-train.csv") if a == "AUX" else a for a in extra]
     run_dir = mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "run", *extra))
@@ -101,3 +102,21 @@ def test_cli_errors_name_the_problem(tiny_checkpoint, tiny_data, tmp_path, monke
     monkeypatch.setattr("sys.argv", ["clf", "--checkpoint", str(tmp_path / "nowhere")])
     assert classifier.cli() == 2
     assert "nowhere: checkpoint folder not found" in capsys.readouterr().err
+
+
+def test_bf16_forward_is_fp32_out_and_close(tiny_checkpoint, tiny_data):
+    from base_bert import from_pretrained
+    from tasks import SPECS, build_task
+    from tokenizer import BertTokenizer
+    from trainer import MultitaskBERT
+    encoder = from_pretrained(tiny_checkpoint).eval()
+    task = build_task(SPECS["sts"], tiny_data, BertTokenizer.from_pretrained(tiny_checkpoint),
+                      encoder.config, 4, 0.0, encoding="bi")
+    batch = task.collate(task.train[:4])
+    model = MultitaskBERT(encoder, {"sts": task.head})
+    with torch.no_grad():
+        full = model("sts", batch)
+        model.bf16 = True
+        half = model("sts", batch)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, atol=0.1, rtol=0.05)

@@ -1,0 +1,34 @@
+import pytest
+
+from config import ConfigError, parse_config
+from multitask_classifier import MultitaskConfig
+
+
+def test_defaults_and_derived_lr():
+    cfg = parse_config(MultitaskConfig, [])
+    assert (cfg.option, cfg.mode, cfg.pcgrad, cfg.lr) == ("finetune", "mix", False, 1e-5)
+    assert parse_config(MultitaskConfig, ["--option", "pretrain"]).lr == 1e-3
+    assert parse_config(MultitaskConfig, ["--option", "pretrain", "--lr", "0.5"]).lr == 0.5
+
+
+def test_flags_and_types():
+    cfg = parse_config(MultitaskConfig, ["--pcgrad", "--no-bucket", "--epochs", "2",
+                                         "--hidden_dropout_prob", "0.5", "--aux", "y.csv"])
+    assert cfg.pcgrad and not cfg.bucket and cfg.epochs == 2
+    assert cfg.hidden_dropout_prob == 0.5 and cfg.aux == "y.csv"
+    assert cfg.run_name() == "finetune-mix-pcgrad-aux-0.5"
+
+
+def test_bad_choice_exits(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(MultitaskConfig, ["--mode", "parallel"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_inconsistent_options():
+    with pytest.raises(ConfigError, match="--pcgrad needs --mode mix"):
+        parse_config(MultitaskConfig, ["--mode", "seq", "--pcgrad"])
+    with pytest.raises(ConfigError, match="--epochs must be positive"):
+        parse_config(MultitaskConfig, ["--epochs", "0"])
+    with pytest.raises(ConfigError, match="--eval_only needs --load"):
+        parse_config(MultitaskConfig, ["--eval_only"])
