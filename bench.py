@@ -29,6 +29,7 @@ class BenchConfig:
     seed: int = 0
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
     compare_hf: bool = field(default=False, metadata={"help": "also time transformers' BertModel"})
+    bf16: bool = field(default=False, metadata={"help": "also time ours under bfloat16 autocast"})
 
 
 def random_batch(cfg: BenchConfig, vocab_size: int) -> dict[str, torch.Tensor]:
@@ -51,13 +52,18 @@ def rate(fn: Callable[[], None], cfg: BenchConfig) -> float:
     return cfg.steps * cfg.batch_size * cfg.seq_len / (time.perf_counter() - start)
 
 
-def measure(model: torch.nn.Module, batch: dict, cfg: BenchConfig) -> dict[str, float]:
+def measure(model: torch.nn.Module, batch: dict, cfg: BenchConfig,
+            bf16: bool = False) -> dict[str, float]:
     opt = AdamW(model.parameters(), lr=1e-5)
+
+    def forward() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(**batch)
+        return out.last_hidden_state.float().mean() + out.pooler_output.float().mean()
 
     def forward_backward() -> None:
         model.zero_grad(set_to_none=True)
-        out = model(**batch)
-        (out.last_hidden_state.float().mean() + out.pooler_output.float().mean()).backward()
+        forward().backward()
 
     def train_step() -> None:
         forward_backward()
@@ -65,7 +71,7 @@ def measure(model: torch.nn.Module, batch: dict, cfg: BenchConfig) -> dict[str, 
 
     @torch.inference_mode()
     def inference() -> None:
-        model(**batch)
+        forward()
 
     model.train()
     results = {"fwd+bwd": rate(forward_backward, cfg), "fwd+bwd+AdamW": rate(train_step, cfg)}
@@ -95,19 +101,22 @@ def main() -> None:
     print(f"checkpoint {folder}\nbatch {cfg.batch_size} x {cfg.seq_len} "
           f"({real / batch['attention_mask'].numel():.0%} real tokens), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    models = {"ours": ours}
+    models = {"ours": (ours, False)}
     if cfg.compare_hf and (theirs := hf_model(folder)) is not None:
-        models["transformers"] = theirs
+        models["transformers"] = (theirs, False)
+    if cfg.bf16:
+        models["ours bf16"] = (ours, True)
     results: dict[str, dict[str, float]] = {name: {} for name in models}
     for _ in range(cfg.repeats):  # alternate the models so that drift hits both alike
-        for name, model in models.items():
-            for key, value in measure(model, batch, cfg).items():
+        for name, (model, bf16) in models.items():
+            for key, value in measure(model, batch, cfg, bf16).items():
                 results[name][key] = max(value, results[name].get(key, 0.0))
     for name, res in results.items():
         print(f"{name:>13}: " + ", ".join(f"{k} {v:,.0f} padded tokens/s" for k, v in res.items()))
-    if "transformers" in results:
-        print("  ours/transformers: " + ", ".join(
-            f"{k} {results['ours'][k] / results['transformers'][k]:.2f}x" for k in results["ours"]))
+    for name in results:
+        if name != "ours":
+            print(f"  {name}/ours: " + ", ".join(
+                f"{k} {results[name][k] / results['ours'][k]:.2f}x" for k in results["ours"]))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ class MultitaskConfig:
         "cross: the pair as one input; bi: each sentence alone", choices=list(ENCODINGS)))
     sts_encoding: str = field(default="bi", metadata=_help(
         "cross: the pair as one input; bi: cosine of the two sentences", choices=list(ENCODINGS)))
+    seq_order: str = field(default="quora,sst,sts", metadata=_help(
+        "task order of a seq epoch (comma-separated; an auxiliary task goes last)"))
     batch_size_sst: int = 8
     batch_size_quora: int = 16
     batch_size_sts: int = 6
@@ -90,6 +92,9 @@ class MultitaskConfig:
             raise ConfigError("--pcgrad needs --mode mix (one batch of every task per step)")
         if self.eval_only and not self.load:
             raise ConfigError("--eval_only needs --load CHECKPOINT")
+        if sorted(self.seq_order.split(",")) != sorted(TASK_NAMES):
+            raise ConfigError(f"--seq_order must name {', '.join(TASK_NAMES)} once each, "
+                              f"got {self.seq_order!r}")
         for name in ("epochs", "max_length", "batch_size_sst", "batch_size_quora",
                      "batch_size_sts", "batch_size_aux"):
             if getattr(self, name) <= 0:
@@ -169,7 +174,7 @@ def train(cfg: MultitaskConfig) -> str:
         pcgrad=cfg.pcgrad, pcgrad_reduction=cfg.pcgrad_reduction,
         grad_diagnostics=cfg.grad_diagnostics, weight_decay=cfg.weight_decay,
         warmup_ratio=cfg.warmup_ratio, scheduler=cfg.scheduler, bucket=cfg.bucket,
-        seed=cfg.seed, progress=cfg.progress)
+        seq_order=tuple(cfg.seq_order.split(",")), seed=cfg.seed, progress=cfg.progress)
     extra = {"config": config_to_dict(cfg), "bert_config": dataclasses.asdict(encoder.config)}
     summary = Trainer(model, tasks, settings, device, run_dir, extra).fit()
     print(dev_table(summary, tasks, cfg) + f"\nrun folder: {run_dir}")

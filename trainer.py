@@ -57,6 +57,7 @@ class TrainSettings:
     warmup_ratio: float = 0.0
     scheduler: str = "constant"  # "constant" | "linear" (decay to 0 after warmup)
     bucket: bool = True
+    seq_order: tuple[str, ...] = ("quora", "sst", "sts")  # seq mode; other tasks go last
     seed: int = 0
     progress: bool = True
 
@@ -169,7 +170,8 @@ class Trainer:
     def train_epoch_seq(self, epoch: int) -> tuple[dict, dict]:
         self.model.train()
         losses = {}
-        for task in self.tasks:
+        order = {name: i for i, name in enumerate(self.settings.seq_order)}
+        for task in sorted(self.tasks, key=lambda t: order.get(t.name, len(order))):
             optimizer, scheduler = self.task_optimizers[task.name]
             total, count = 0.0, 0
             for batch in self.progress(self.loaders[task.name], f"epoch {epoch} {task.name}"):

@@ -30,5 +30,7 @@ def test_inconsistent_options():
         parse_config(MultitaskConfig, ["--mode", "seq", "--pcgrad"])
     with pytest.raises(ConfigError, match="--epochs must be positive"):
         parse_config(MultitaskConfig, ["--epochs", "0"])
+    with pytest.raises(ConfigError, match="--seq_order must name"):
+        parse_config(MultitaskConfig, ["--seq_order", "sst,sts"])
     with pytest.raises(ConfigError, match="--eval_only needs --load"):
         parse_config(MultitaskConfig, ["--eval_only"])
