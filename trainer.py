@@ -43,6 +43,14 @@ class MultitaskBERT(nn.Module):
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.heads[task_name](self.encoder, batch).float()
 
+    def train_encoder(self, train: bool) -> None:
+        """Freeze or unfreeze the encoder. The pooler layer trains only if a head reads it:
+        unread, it would get all-zero gradients from PCGrad's buffers and still decay under
+        weight decay."""
+        self.encoder.requires_grad_(train)
+        if not any(getattr(head, "pooling", "") == "pooler" for head in self.heads.values()):
+            self.encoder.pooler_dense.requires_grad_(False)
+
 
 @dataclass
 class TrainSettings:
@@ -108,7 +116,7 @@ class Trainer:
         self.model, self.tasks, self.settings = model.to(device), tasks, settings
         self.device, self.run_dir, self.log = device, run_dir, log
         self.checkpoint_extra = checkpoint_extra
-        self.model.encoder.requires_grad_(not settings.freeze_encoder)
+        self.model.train_encoder(not settings.freeze_encoder)
         self.loaders = {t.name: make_loader(t.train, t.collate, t.batch_size, shuffle=True,
                                             bucket=settings.bucket, seed=settings.seed)
                         for t in tasks}

@@ -120,3 +120,18 @@ def test_bf16_forward_is_fp32_out_and_close(tiny_checkpoint, tiny_data):
         half = model("sts", batch)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, full, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("pooling, pooler_trains", [("mean", False), ("pooler", True)])
+def test_pooler_trains_only_when_a_head_reads_it(tiny_checkpoint, tiny_data, tmp_path,
+                                                 pooling, pooler_trains):
+    run_dir = mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "run", "--epochs", "1",
+                                "--pcgrad", "--weight_decay", "0.1", "--pooling", pooling,
+                                "--quora_encoding", "cross", "--sts_encoding", "cross"))
+    saved = torch.load(os.path.join(run_dir, "best.pt"), weights_only=True)["model"]
+    from base_bert import from_pretrained
+    original = from_pretrained(tiny_checkpoint).state_dict()
+    name = "pooler_dense.weight"
+    assert torch.equal(saved[f"encoder.{name}"], original[name]) != pooler_trains
+    assert not torch.equal(saved["encoder.bert_layers.0.out_dense.weight"],
+                           original["bert_layers.0.out_dense.weight"])
