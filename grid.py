@@ -2,7 +2,8 @@
 folder per configuration x seed, then writes the table and figures with report.py.
 
     python grid.py [--rows all] [--seeds 0 1 2] [--epochs 3] [--subsample 2000]
-                   [--runs_dir runs/grid] [--extra="--batch_size 16"]
+                   [--finetune_lr 5e-5] [--pretrain_lr 1e-3] [--runs_dir runs/grid]
+                   [--extra="--precision bf16"]
 
 Resumable: a run folder with summary.json is done and skipped; one without it was
 interrupted, so it is removed and run again from scratch.
@@ -43,6 +44,10 @@ class GridOptions:
         "help": f"auxiliary-task file; empty: DATA_DIR/{AUX_FILE}"})
     checkpoint: str = field(default="", metadata={
         "help": "encoder checkpoint folder; empty: the trainer's default"})
+    finetune_lr: float = field(default=0.0, metadata={
+        "help": "learning rate of the finetune rows; 0: the trainer's default"})
+    pretrain_lr: float = field(default=0.0, metadata={
+        "help": "learning rate of the pretrain row; 0: the trainer's default"})
     extra: str = field(default="", metadata={
         "help": "extra trainer arguments for every run, e.g. --extra=\"--batch_size 16\""})
 
@@ -111,6 +116,9 @@ def trainer_argv(row: dict, seed: int, run_dir: str, opts: GridOptions) -> list[
              "--seed", str(seed), "--run_dir", run_dir, "--data_dir", data_dir(opts)]
     if opts.subsample > 0:
         argv += ["--subsample", str(opts.subsample)]
+    lr = opts.pretrain_lr if row["option"] == "pretrain" else opts.finetune_lr
+    if lr > 0:
+        argv += ["--lr", str(lr)]
     if opts.checkpoint:
         argv += ["--checkpoint", opts.checkpoint]
     return argv + shlex.split(opts.extra)
@@ -130,7 +138,7 @@ def check_same_run(run_dir: str, row: dict, seed: int, opts: GridOptions) -> Non
         cfg = json.load(f)
     wanted = {"option": row["option"], "mode": row["mode"], "pcgrad": row["pcgrad"],
               "aux": bool(row["aux"]), "hidden_dropout_prob": float(row["hidden_dropout_prob"]),
-              "seed": seed, "epochs": opts.epochs}
+              "seed": seed, "epochs": opts.epochs, "subsample": opts.subsample}
     found = {k: cfg.get(k) for k in wanted}
     found["aux"], found["pcgrad"] = bool(found["aux"]), bool(found["pcgrad"])
     if found.get("hidden_dropout_prob") is not None:

@@ -23,6 +23,7 @@ class FakeTrainer:
         parser.add_argument("--hidden_dropout_prob", type=float)
         parser.add_argument("--seed", type=int)
         parser.add_argument("--epochs", type=int)
+        parser.add_argument("--subsample", type=int, default=0)
         args, _ = parser.parse_known_args(argv)
         run_dir = args.run_dir
         os.makedirs(run_dir)
@@ -87,7 +88,8 @@ def test_argv_of_every_table1_row(tmp_path):
     runs = str(tmp_path / "grid")
     trainer = FakeTrainer()
     grid.main(["--runs_dir", runs, "--epochs", "1", "--subsample", "50", "--data_dir", "D",
-               "--checkpoint", "C", "--extra=--batch_size 4"], runner=trainer)
+               "--checkpoint", "C", "--finetune_lr", "5e-5", "--pretrain_lr", "0.001",
+               "--extra=--batch_size 4"], runner=trainer)
     by_slug = {os.path.basename(value(a, "--run_dir")): a for a in trainer.calls}
     assert list(by_slug) == [
         "pretrain-0.3-seed0", "finetune-seq-0.3-seed0", "finetune-mix-0.3-seed0",
@@ -109,6 +111,7 @@ def test_argv_of_every_table1_row(tmp_path):
         assert (value(argv, "--seed"), value(argv, "--epochs")) == ("0", "1")
         assert (value(argv, "--subsample"), value(argv, "--data_dir")) == ("50", "D")
         assert value(argv, "--checkpoint") == "C"
+        assert float(value(argv, "--lr")) == (1e-3 if option == "pretrain" else 5e-5)
         assert argv[-2:] == ["--batch_size", "4"]
 
 
@@ -122,7 +125,7 @@ def test_seeds_run_outermost_and_defaults_leave_flags_out(tmp_path, monkeypatch)
     assert names == ["pretrain-0.3-seed1", "finetune-mix-aux-0.3-seed1",
                      "pretrain-0.3-seed2", "finetune-mix-aux-0.3-seed2"]
     first, aux_run = trainer.calls[0], trainer.calls[1]
-    assert "--subsample" not in first and "--checkpoint" not in first
+    assert "--subsample" not in first and "--checkpoint" not in first and "--lr" not in first
     assert value(first, "--data_dir") == "ENVDATA"
     assert value(aux_run, "--aux") == os.path.join("ENVDATA", "yelp-aux-train.csv")
 
@@ -132,6 +135,9 @@ def test_finished_run_with_other_settings_is_an_error(tmp_path):
     grid.main(["--rows", "pretrain-0.3", "--runs_dir", runs, "--epochs", "1"], runner=FakeTrainer())
     with pytest.raises(SystemExit, match="epochs"):
         grid.main(["--rows", "pretrain-0.3", "--runs_dir", runs, "--epochs", "3"], runner=refuse)
+    with pytest.raises(SystemExit, match="subsample"):
+        grid.main(["--rows", "pretrain-0.3", "--runs_dir", runs, "--epochs", "1",
+                   "--subsample", "100"], runner=refuse)
 
 
 def test_unknown_row_lists_the_known_ones():
