@@ -2,7 +2,7 @@
 backward, AdamW) on the packaged checkpoint, plain (losses summed) against PCGrad, on the
 same real batches, alternating rounds. Prints ms/step and the PCGrad/plain ratio.
 
-    python bench_mix.py [--steps 8] [--rounds 3] [--data_dir data]
+    python bench_mix.py [--steps 8] [--rounds 3] [--data_dir data] [--precision bf16]
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ class MixBenchConfig:
     rounds: int = field(default=3, metadata={"help": "alternating rounds; the best is kept"})
     data_dir: str = field(default_factory=default_data_dir)
     checkpoint: str = ""
+    precision: str = field(default="fp32", metadata={
+        "help": "bf16: time steps under bfloat16 autocast", "choices": ["fp32", "bf16", "auto"]})
     seed: int = 0
 
 
@@ -34,18 +36,21 @@ def main() -> None:
     cfg = parse_config(MixBenchConfig, description=__doc__)
     torch.manual_seed(cfg.seed)
     encoder = from_pretrained(cfg.checkpoint or None)
-    task_cfg = MultitaskConfig(data_dir=cfg.data_dir, checkpoint=cfg.checkpoint, seed=cfg.seed)
+    task_cfg = MultitaskConfig(data_dir=cfg.data_dir, checkpoint=cfg.checkpoint, seed=cfg.seed,
+                               precision=cfg.precision)
     tasks = build_tasks(task_cfg, BertTokenizer.from_pretrained(cfg.checkpoint or None),
                         encoder.config, with_eval=False)
     model = build_model(task_cfg, encoder, tasks).train()
+    model.train_encoder(True)  # as the trainer does: the unread pooler stays out
+    shared = [p for p in encoder.parameters() if p.requires_grad]
     streams = [iter(make_loader(t.train, t.collate, t.batch_size, shuffle=True, bucket=True,
                                 seed=cfg.seed)) for t in tasks]
     steps = [[next(s) for s in streams] for _ in range(cfg.steps + 1)]  # +1 warm-up step
     optimizer = AdamW(model.parameters(), lr=1e-5)
     methods = {
         "plain (sum)": None,
-        "plain + diagnostics": PCGrad(encoder.parameters(), len(tasks), project=False),
-        "PCGrad": PCGrad(encoder.parameters(), len(tasks), project=True),
+        "plain + diagnostics": PCGrad(shared, len(tasks), project=False),
+        "PCGrad": PCGrad(shared, len(tasks), project=True),
     }
     best = {name: float("inf") for name in methods}
     for _ in range(cfg.rounds):  # alternate, so that drift on a shared machine hits all alike
@@ -57,7 +62,8 @@ def main() -> None:
             best[name] = min(best[name], (time.perf_counter() - start) / cfg.steps)
     tokens = sum(b.encoded.input_ids.numel() for batches in steps[1:] for b in batches) / cfg.steps
     print(f"{len(tasks)} tasks ({', '.join(f'{t.name} batch {t.batch_size}' for t in tasks)}), "
-          f"{tokens:.0f} padded tokens/step, {torch.get_num_threads()} threads")
+          f"{tokens:.0f} padded tokens/step, {torch.get_num_threads()} threads, "
+          f"{'bf16 autocast' if model.bf16 else 'fp32'}")
     for name, seconds in best.items():
         print(f"{name:>20}: {1000 * seconds:7.0f} ms/step, {tokens / seconds:,.0f} padded tokens/s, "
               f"{seconds / best['plain (sum)']:.3f}x plain")
