@@ -22,10 +22,13 @@ data:
 	@$(PYTHON) data/download.py --data_dir $(DATA_DIR) --link_from $(SHARED_DATA)
 
 # The main job on the embedded default checkpoint: finetune-mix with PCGrad, on a
-# 1,000-example training subsample per task so that it ends in a few minutes on a CPU.
+# 1,000-example training subsample per task so that it ends in a few minutes on a CPU;
+# bfloat16 autocast where the hardware computes it natively (--precision auto).
+# Each `make run` replaces the previous quickstart run folder.
 run: setup data
+	rm -rf runs/quickstart
 	$(BIN)/python multitask_classifier.py --option finetune --mode mix --pcgrad \
-		--epochs 1 --subsample 1000 --lr 5e-5 --run_dir runs/quickstart
+		--epochs 1 --subsample 1000 --lr 5e-5 --precision auto --run_dir runs/quickstart
 
 demo: setup
 	$(BIN)/python demo.py

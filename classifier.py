@@ -18,7 +18,7 @@ from datasets import default_data_dir
 from tasks import POOLINGS, SPECS, build_task
 from tokenizer import BertTokenizer
 from trainer import MultitaskBERT, Trainer, TrainSettings
-from utils import choose_device, run_cli, seed_everything, use_bf16, write_json
+from utils import choose_device, run_cli, seed_everything, start_run_dir, use_bf16
 
 
 @dataclass
@@ -66,8 +66,7 @@ def train(cfg: ClassifierConfig) -> dict:
                       cfg.hidden_dropout_prob, cfg.pooling)
     name = f"{cfg.option}-{cfg.task}"
     run_dir = cfg.run_dir or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(run_dir, exist_ok=True)
-    write_json(os.path.join(run_dir, "config.json"), config_to_dict(cfg))
+    start_run_dir(run_dir, config_to_dict(cfg))
     print(f"{name} on {device}: {len(task.train)} train, {len(task.dev)} dev, "
           f"{len(task.test)} test; lr {cfg.lr:g}")
     settings = TrainSettings(

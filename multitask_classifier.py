@@ -20,8 +20,8 @@ from datasets import default_data_dir, subsample
 from tasks import ENCODINGS, POOLINGS, SPECS, Task, aux_spec, build_task
 from tokenizer import BertTokenizer
 from trainer import MultitaskBERT, Trainer, TrainSettings, write_all_predictions
-from utils import (choose_device, load_checkpoint, run_cli, seed_everything, use_bf16,
-                   write_json)
+from utils import (choose_device, load_checkpoint, run_cli, seed_everything, start_run_dir,
+                   use_bf16)
 
 TASK_NAMES = ("sst", "quora", "sts")
 
@@ -162,8 +162,7 @@ def train(cfg: MultitaskConfig) -> str:
     tasks = build_tasks(cfg, tokenizer, encoder.config)
     model = build_model(cfg, encoder, tasks)
     run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.run_name()}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(run_dir, exist_ok=True)
-    write_json(os.path.join(run_dir, "config.json"), config_to_dict(cfg))
+    start_run_dir(run_dir, config_to_dict(cfg))
     print(f"{cfg.run_name()} on {device}{' (bf16 autocast)' if model.bf16 else ''}: checkpoint {cfg.checkpoint or default_checkpoint_path()}")
     for task in tasks:
         note = f" (subsample of {cfg.subsample})" if cfg.subsample else ""

@@ -35,6 +35,21 @@ def write_json(path: str, obj: Any) -> None:
     atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True))
 
 
+RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "best.pt", "predictions")
+
+
+def start_run_dir(run_dir: str, config: dict) -> None:
+    """Create the run folder and write config.json into it. A folder that already holds a
+    run's results is refused: its metrics would mix two runs and its files be overwritten."""
+    from config import ConfigError
+    found = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(run_dir, name))]
+    if found:
+        raise ConfigError(f"--run_dir {run_dir} already holds a run ({', '.join(found)}); "
+                          "choose another folder or remove it")
+    os.makedirs(run_dir, exist_ok=True)
+    write_json(os.path.join(run_dir, "config.json"), config)
+
+
 def append_jsonl(path: str, obj: Any) -> None:
     """Append one line; the previous lines are rewritten with it, atomically."""
     previous = open(path, encoding="utf-8").read() if os.path.exists(path) else ""

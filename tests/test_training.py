@@ -99,6 +99,10 @@ def test_cli_errors_name_the_problem(tiny_checkpoint, tiny_data, tmp_path, monke
     monkeypatch.setattr("sys.argv", ["mtc", "--mode", "seq", "--pcgrad"])
     assert mtc.cli() == 2
     assert "--pcgrad needs --mode mix" in capsys.readouterr().err
+    done = mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "done", "--epochs", "1"))
+    monkeypatch.setattr("sys.argv", ["mtc", *run_args(tiny_checkpoint, tiny_data, done)])
+    assert mtc.cli() == 2
+    assert "already holds a run (metrics.jsonl, summary.json, best.pt" in capsys.readouterr().err
     monkeypatch.setattr("sys.argv", ["clf", "--checkpoint", str(tmp_path / "nowhere")])
     assert classifier.cli() == 2
     assert "nowhere: checkpoint folder not found" in capsys.readouterr().err
