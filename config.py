@@ -106,14 +106,17 @@ def _arg_type(field_type: Any):
 
 def build_parser(cls: Type[T], description: str = "") -> argparse.ArgumentParser:
     """An ArgumentParser with one `--name` option per field of the dataclass `cls`.
-    Field metadata may give `help` and `choices`; bools become --flag / --no-flag."""
+    Field metadata may give `help` and `choices`, or `positional` for an optional
+    positional argument; bools become --flag / --no-flag."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(cls):
         kind = _arg_type(f.type)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata.get("help", " ")
-        if kind is bool:
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="?", type=kind, default=default, help=help_text)
+        elif kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
                                 default=default, help=help_text)
         else:

@@ -1,6 +1,6 @@
 """Rebuilds the results table (the report's Table 1) and its figures from run folders alone.
 
-    python report.py RUNS_ROOT [--out DIR]        # default out: RUNS_ROOT/report
+    python report.py [RUNS_ROOT] [--out DIR]   # defaults: runs/grid, RUNS_ROOT/report
 
 A run folder is any folder below RUNS_ROOT holding config.json and metrics.jsonl (written
 by multitask_classifier.py); summary.json marks it complete. Runs are grouped by
@@ -8,28 +8,24 @@ by multitask_classifier.py); summary.json marks it complete. Runs are grouped by
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Iterable
 
-import matplotlib
+from config import parse_config
+from utils import atomic_write, write_json
 
-matplotlib.use("Agg")  # files only: this also runs on machines without a display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 TASKS = ("sst", "quora", "sts")
 METRICS = TASKS + ("overall",)
 LABELS = {"sst": "SST acc", "quora": "Quora acc", "sts": "STS corr", "overall": "Overall"}
-DPI = 100
 
 
 # --- naming -----------------------------------------------------------------------------
 
-def _dropout(cfg: dict) -> str:
+def dropout_label(cfg: dict) -> str:
     return f"{float(cfg.get('hidden_dropout_prob', 0.0)):g}"
 
 
@@ -46,7 +42,7 @@ def _extras(cfg: dict) -> list[str]:
 
 def config_name(cfg: dict) -> str:
     """Display name of a configuration, e.g. 'finetune-mix + PCGrad (0.3)'."""
-    dropout = _dropout(cfg)
+    dropout = dropout_label(cfg)
     if cfg.get("option") == "pretrain":
         dropout = f"dropout {dropout}"
     return " + ".join([_method(cfg)] + _extras(cfg)) + f" ({dropout})"
@@ -54,7 +50,7 @@ def config_name(cfg: dict) -> str:
 
 def config_slug(cfg: dict) -> str:
     """Filesystem-safe name of a configuration, e.g. 'finetune-mix-pcgrad-0.3'."""
-    return "-".join([_method(cfg)] + [e.lower() for e in _extras(cfg)] + [_dropout(cfg)])
+    return "-".join([_method(cfg)] + [e.lower() for e in _extras(cfg)] + [dropout_label(cfg)])
 
 
 def sort_key(cfg: dict) -> tuple:
@@ -145,14 +141,14 @@ def summarize(name: str, runs: list[Run], complete: bool) -> dict:
            "best_epochs": [b.get("epoch") for _, b in bests],
            "epochs_done": [len(r.epochs) for r in runs], "mean": {}, "std": {}}
     for metric in METRICS:
-        values = [_metric(b, metric) for _, b in bests]
+        values = [metric_value(b, metric) for _, b in bests]
         values = [v for v in values if v is not None]
         if values:
             row["mean"][metric], row["std"][metric] = _stats(values)
     return row
 
 
-def _metric(epoch: dict, metric: str) -> float | None:
+def metric_value(epoch: dict, metric: str) -> float | None:
     return epoch.get("overall") if metric == "overall" else epoch.get("dev", {}).get(metric)
 
 
@@ -199,133 +195,6 @@ def mixed_settings(groups: dict[str, list[Run]]) -> list[str]:
     return notes
 
 
-# --- figures ----------------------------------------------------------------------------
-
-def mean_curve(runs: list[Run], value: Callable[[dict], float | None]) -> tuple[list, list]:
-    """Per-epoch mean over the runs that have a value at that epoch."""
-    by_epoch: dict[int, list[float]] = {}
-    for run in runs:
-        for record in run.epochs:
-            v = value(record)
-            if v is not None and "epoch" in record:
-                by_epoch.setdefault(record["epoch"], []).append(v)
-    epochs = sorted(by_epoch)
-    return epochs, [statistics.fmean(by_epoch[e]) for e in epochs]
-
-
-def _style(ax) -> None:
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-
-
-def _save(fig, axes, path: str, title: str) -> str:
-    """One legend for all panels (a configuration may lack data in some of them)."""
-    legend: dict[str, object] = {}
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    fig.legend(list(legend.values()), list(legend), loc="center left",
-               bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def plot_dev_curves(groups: dict[str, list[Run]], path: str, title: str,
-                    colors: dict[str, str] | None = None) -> str:
-    """Dev metric per epoch (mean over seeds), one panel per task plus overall."""
-    fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharex=True)
-    for ax, metric in zip(axes.flat, METRICS):
-        for name, runs in groups.items():
-            xs, ys = mean_curve(runs, lambda e, m=metric: _metric(e, m))
-            ax.plot(xs, ys, marker="o", markersize=3, label=name, color=(colors or {}).get(name))
-        ax.set_title(LABELS[metric], fontsize=10)
-        _style(ax)
-    for ax in axes[-1]:
-        ax.set_xlabel("epoch")
-    return _save(fig, axes, path, title)
-
-
-def _is_mix(cfg: dict, pcgrad: bool, aux: bool) -> bool:
-    return (cfg.get("option") == "finetune" and cfg.get("mode") == "mix"
-            and bool(cfg.get("pcgrad")) == pcgrad and bool(cfg.get("aux")) == aux)
-
-
-def paired_groups(groups: dict[str, list[Run]], pcgrad: bool, aux: bool) -> dict[str, list[Run]]:
-    """Plain finetune-mix and one variant of it, only at dropouts where both were run,
-    so the comparison changes one thing at a time."""
-    def find(want_pcgrad: bool, want_aux: bool) -> dict[str, str]:
-        return {_dropout(runs[0].config): name for name, runs in groups.items()
-                if _is_mix(runs[0].config, want_pcgrad, want_aux)}
-    base, variant = find(False, False), find(pcgrad, aux)
-    chosen = {}
-    for dropout in sorted(set(base) & set(variant), key=float):
-        chosen[base[dropout]] = groups[base[dropout]]
-        chosen[variant[dropout]] = groups[variant[dropout]]
-    return chosen
-
-
-def _pairs(groups: dict[str, list[Run]]) -> list[str]:
-    records = (rec for runs in groups.values() for run in runs for rec in run.epochs)
-    return list(dict.fromkeys(pair for rec in records for pair in (rec.get("grad") or {})))
-
-
-def _grad(epoch: dict, pair: str, key: str) -> float | None:
-    return ((epoch.get("grad") or {}).get(pair) or {}).get(key)
-
-
-def plot_conflicts(groups: dict[str, list[Run]], path: str,
-                   colors: dict[str, str] | None = None) -> str | None:
-    """Mean gradient cosine and conflict fraction per task pair over epochs."""
-    pairs = _pairs(groups)
-    if not pairs:
-        return None
-    fig, axes = plt.subplots(2, len(pairs), figsize=(3 * len(pairs) + 1, 5), squeeze=False)
-    for col, pair in enumerate(pairs):
-        for row, (key, label) in enumerate((("cos", "mean cosine"), ("conflict", "conflict frac"))):
-            ax = axes[row][col]
-            for name, runs in groups.items():
-                xs, ys = mean_curve(runs, lambda e, p=pair, k=key: _grad(e, p, k))
-                if xs:
-                    ax.plot(xs, ys, marker="o", markersize=3, label=name,
-                            color=(colors or {}).get(name))
-            ax.set_title(f"{pair}: {label}", fontsize=9)
-            ax.set_xlabel("epoch" if row else "")
-            _style(ax)
-    return _save(fig, axes, path, "Gradient conflicts between tasks")
-
-
-def write_plots(groups: dict[str, list[Run]], out: str) -> list[str]:
-    written = []
-    # one colour per configuration across all figures, so they read together
-    colors = {name: f"C{i % 10}" for i, name in enumerate(groups)}
-    if groups:
-        path = os.path.join(out, "methods.png")
-        written.append(plot_dev_curves(groups, path, "Dev metrics by method", colors))
-    for file, title, pcgrad, aux in (("pcgrad.png", "finetune-mix vs + PCGrad", True, False),
-                                     ("aux.png", "finetune-mix vs + auxiliary task", False, True)):
-        chosen = paired_groups(groups, pcgrad, aux)
-        if chosen:
-            written.append(plot_dev_curves(chosen, os.path.join(out, file), title, colors))
-        else:
-            _skip(out, file, "needs finetune-mix and its variant at the same dropout")
-    conflicts = plot_conflicts(groups, os.path.join(out, "conflicts.png"), colors)
-    if conflicts:
-        written.append(conflicts)
-    else:
-        _skip(out, "conflicts.png", "no run has gradient diagnostics ('grad')")
-    return written
-
-
-def _skip(out: str, file: str, why: str) -> None:
-    print(f"skipping {file}: {why}")
-    stale = os.path.join(out, file)
-    if os.path.isfile(stale):  # left by an earlier report; it no longer matches the table
-        os.remove(stale)
-
-
 # --- entry points -----------------------------------------------------------------------
 
 def write_report(root: str, out: str | None = None) -> dict:
@@ -340,23 +209,25 @@ def write_report(root: str, out: str | None = None) -> dict:
     rows = table_rows(groups)
     markdown = format_table(rows)
     files = [os.path.join(out, "table.md"), os.path.join(out, "table.json")]
-    with open(files[0], "w", encoding="utf-8") as f:
-        f.write(markdown)
-    with open(files[1], "w", encoding="utf-8") as f:
-        json.dump({"rows": rows}, f, indent=2)
+    atomic_write(files[0], lambda f: f.write(markdown))
+    write_json(files[1], {"rows": rows})
+    from plots import write_plots  # imported here: plots.py builds on this module
     files += write_plots(groups, out)
     return {"table_md": markdown, "rows": rows, "files": files}
 
 
+@dataclass
+class ReportConfig:
+    runs_root: str = field(default="runs/grid", metadata={
+        "positional": True, "help": "folder searched (recursively) for run folders"})
+    out: str = field(default="", metadata={"help": "output folder; empty: RUNS_ROOT/report"})
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Rebuild the results table and figures from run folders.")
-    parser.add_argument("runs_root", help="folder searched (recursively) for run folders")
-    parser.add_argument("--out", default=None, help="output folder (default: RUNS_ROOT/report)")
-    args = parser.parse_args(argv)
-    if not os.path.isdir(args.runs_root):
-        parser.error(f"{args.runs_root}: no such folder")
-    result = write_report(args.runs_root, args.out)
+    cfg = parse_config(ReportConfig, argv, description=__doc__)
+    if not os.path.isdir(cfg.runs_root):
+        raise SystemExit(f"error: {cfg.runs_root}: no such folder")
+    result = write_report(cfg.runs_root, cfg.out or None)
     print(result["table_md"])
     for path in result["files"]:
         print(f"wrote {path}")

@@ -34,3 +34,15 @@ def test_inconsistent_options():
         parse_config(MultitaskConfig, ["--seq_order", "sst,sts"])
     with pytest.raises(ConfigError, match="--eval_only needs --load"):
         parse_config(MultitaskConfig, ["--eval_only"])
+
+
+def test_positional_field_is_optional_and_typed():
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Options:
+        root: str = field(default="runs", metadata={"positional": True})
+        count: int = 1
+
+    assert parse_config(Options, []) == Options("runs", 1)
+    assert parse_config(Options, ["elsewhere", "--count", "3"]) == Options("elsewhere", 3)

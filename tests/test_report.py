@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+import plots
 import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -128,7 +129,7 @@ def test_paired_groups_need_same_dropout(runs, tmp_path):
     write_run(root, "mix05", dict(MIX, hidden_dropout_prob=0.5), 0, [(0.4, 0.8, 0.8, 0.66)])
     write_run(root, "pcg03", PCGRAD, 0, [(0.4, 0.8, 0.8, 0.66)])
     groups = report.group_runs(report.find_runs(root))
-    assert report.paired_groups(groups, pcgrad=True, aux=False) == {}
+    assert plots.paired_groups(groups, pcgrad=True, aux=False) == {}
     full = report.group_runs(report.find_runs(runs))
-    assert list(report.paired_groups(full, pcgrad=True, aux=False)) == [
+    assert list(plots.paired_groups(full, pcgrad=True, aux=False)) == [
         "finetune-mix (0.3)", "finetune-mix + PCGrad (0.3)"]

@@ -1,0 +1,144 @@
+"""The figures of a results report (the report's Figures 4-8): dev metrics per epoch by
+method, finetune-mix against its PCGrad and auxiliary-task variants, and the gradient
+conflicts between tasks over training. Built from run folders by report.py.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: this also runs on machines without a display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from report import LABELS, METRICS, Run, dropout_label, metric_value  # noqa: E402
+
+DPI = 100
+
+
+def mean_curve(runs: list[Run], value: Callable[[dict], float | None]) -> tuple[list, list]:
+    """Per-epoch mean over the runs that have a value at that epoch."""
+    by_epoch: dict[int, list[float]] = {}
+    for run in runs:
+        for record in run.epochs:
+            v = value(record)
+            if v is not None and "epoch" in record:
+                by_epoch.setdefault(record["epoch"], []).append(v)
+    epochs = sorted(by_epoch)
+    return epochs, [statistics.fmean(by_epoch[e]) for e in epochs]
+
+
+def _style(ax) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, axes, path: str, title: str) -> str:
+    """One legend for all panels (a configuration may lack data in some of them)."""
+    legend: dict[str, object] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="center left",
+               bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_dev_curves(groups: dict[str, list[Run]], path: str, title: str,
+                    colors: dict[str, str] | None = None) -> str:
+    """Dev metric per epoch (mean over seeds), one panel per task plus overall."""
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharex=True)
+    for ax, metric in zip(axes.flat, METRICS):
+        for name, runs in groups.items():
+            xs, ys = mean_curve(runs, lambda e, m=metric: metric_value(e, m))
+            ax.plot(xs, ys, marker="o", markersize=3, label=name, color=(colors or {}).get(name))
+        ax.set_title(LABELS[metric], fontsize=10)
+        _style(ax)
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    return _save(fig, axes, path, title)
+
+
+def _is_mix(cfg: dict, pcgrad: bool, aux: bool) -> bool:
+    return (cfg.get("option") == "finetune" and cfg.get("mode") == "mix"
+            and bool(cfg.get("pcgrad")) == pcgrad and bool(cfg.get("aux")) == aux)
+
+
+def paired_groups(groups: dict[str, list[Run]], pcgrad: bool, aux: bool) -> dict[str, list[Run]]:
+    """Plain finetune-mix and one variant of it, only at dropouts where both were run,
+    so the comparison changes one thing at a time."""
+    def find(want_pcgrad: bool, want_aux: bool) -> dict[str, str]:
+        return {dropout_label(runs[0].config): name for name, runs in groups.items()
+                if _is_mix(runs[0].config, want_pcgrad, want_aux)}
+    base, variant = find(False, False), find(pcgrad, aux)
+    chosen = {}
+    for dropout in sorted(set(base) & set(variant), key=float):
+        chosen[base[dropout]] = groups[base[dropout]]
+        chosen[variant[dropout]] = groups[variant[dropout]]
+    return chosen
+
+
+def _pairs(groups: dict[str, list[Run]]) -> list[str]:
+    records = (rec for runs in groups.values() for run in runs for rec in run.epochs)
+    return list(dict.fromkeys(pair for rec in records for pair in (rec.get("grad") or {})))
+
+
+def _grad(epoch: dict, pair: str, key: str) -> float | None:
+    return ((epoch.get("grad") or {}).get(pair) or {}).get(key)
+
+
+def plot_conflicts(groups: dict[str, list[Run]], path: str,
+                   colors: dict[str, str] | None = None) -> str | None:
+    """Mean gradient cosine and conflict fraction per task pair over epochs."""
+    pairs = _pairs(groups)
+    if not pairs:
+        return None
+    fig, axes = plt.subplots(2, len(pairs), figsize=(3 * len(pairs) + 1, 5), squeeze=False)
+    for col, pair in enumerate(pairs):
+        for row, (key, label) in enumerate((("cos", "mean cosine"), ("conflict", "conflict frac"))):
+            ax = axes[row][col]
+            for name, runs in groups.items():
+                xs, ys = mean_curve(runs, lambda e, p=pair, k=key: _grad(e, p, k))
+                if xs:
+                    ax.plot(xs, ys, marker="o", markersize=3, label=name,
+                            color=(colors or {}).get(name))
+            ax.set_title(f"{pair}: {label}", fontsize=9)
+            ax.set_xlabel("epoch" if row else "")
+            _style(ax)
+    return _save(fig, axes, path, "Gradient conflicts between tasks")
+
+
+def write_plots(groups: dict[str, list[Run]], out: str) -> list[str]:
+    written = []
+    # one colour per configuration across all figures, so they read together
+    colors = {name: f"C{i % 10}" for i, name in enumerate(groups)}
+    if groups:
+        path = os.path.join(out, "methods.png")
+        written.append(plot_dev_curves(groups, path, "Dev metrics by method", colors))
+    for file, title, pcgrad, aux in (("pcgrad.png", "finetune-mix vs + PCGrad", True, False),
+                                     ("aux.png", "finetune-mix vs + auxiliary task", False, True)):
+        chosen = paired_groups(groups, pcgrad, aux)
+        if chosen:
+            written.append(plot_dev_curves(chosen, os.path.join(out, file), title, colors))
+        else:
+            _skip(out, file, "needs finetune-mix and its variant at the same dropout")
+    conflicts = plot_conflicts(groups, os.path.join(out, "conflicts.png"), colors)
+    if conflicts:
+        written.append(conflicts)
+    else:
+        _skip(out, "conflicts.png", "no run has gradient diagnostics ('grad')")
+    return written
+
+
+def _skip(out: str, file: str, why: str) -> None:
+    print(f"skipping {file}: {why}")
+    stale = os.path.join(out, file)
+    if os.path.isfile(stale):  # left by an earlier report; it no longer matches the table
+        os.remove(stale)
