@@ -30,6 +30,8 @@ class ClassifierConfig:
     epochs: int = 3
     batch_size: int = 8
     lr: float = field(default=0.0, metadata={"help": "0: 1e-3 for pretrain, 1e-5 for finetune"})
+    head_lr: float = field(default=0.0, metadata={
+        "help": "learning rate of the task heads; 0: the same as --lr"})
     weight_decay: float = 0.0
     scheduler: str = field(default="constant", metadata={"choices": ["constant", "linear"]})
     warmup_ratio: float = 0.0
@@ -70,7 +72,8 @@ def train(cfg: ClassifierConfig) -> dict:
     print(f"{name} on {device}: {len(task.train)} train, {len(task.dev)} dev, "
           f"{len(task.test)} test; lr {cfg.lr:g}")
     settings = TrainSettings(
-        epochs=cfg.epochs, lr=cfg.lr, mode="mix", freeze_encoder=cfg.option == "pretrain",
+        epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr, mode="mix",
+        freeze_encoder=cfg.option == "pretrain",
         grad_diagnostics=False, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
         scheduler=cfg.scheduler, bucket=cfg.bucket, seed=cfg.seed, progress=cfg.progress)
     extra = {"config": config_to_dict(cfg), "bert_config": dataclasses.asdict(encoder.config)}

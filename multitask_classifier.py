@@ -44,6 +44,8 @@ class MultitaskConfig:
     aux: str = field(default="", metadata=_help("auxiliary 5-class sentiment file (e.g. Yelp)"))
     epochs: int = 3
     lr: float = field(default=0.0, metadata=_help("0: 1e-3 for pretrain, 1e-5 for finetune"))
+    head_lr: float = field(default=0.0, metadata=_help(
+        "learning rate of the task heads; 0: the same as --lr"))
     weight_decay: float = 0.0
     scheduler: str = field(default="constant", metadata=_help(
         "learning-rate schedule after warmup", choices=["constant", "linear"]))
@@ -169,7 +171,8 @@ def train(cfg: MultitaskConfig) -> str:
         print(f"  {task.name}: {len(task.train)} train{note}, {len(task.dev)} dev, "
               f"{len(task.test)} test, batch {task.batch_size}")
     settings = TrainSettings(
-        epochs=cfg.epochs, lr=cfg.lr, mode=cfg.mode, freeze_encoder=cfg.option == "pretrain",
+        epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr, mode=cfg.mode,
+        freeze_encoder=cfg.option == "pretrain",
         pcgrad=cfg.pcgrad, pcgrad_reduction=cfg.pcgrad_reduction,
         grad_diagnostics=cfg.grad_diagnostics, weight_decay=cfg.weight_decay,
         warmup_ratio=cfg.warmup_ratio, scheduler=cfg.scheduler, bucket=cfg.bucket,

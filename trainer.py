@@ -56,6 +56,7 @@ class MultitaskBERT(nn.Module):
 class TrainSettings:
     epochs: int
     lr: float
+    head_lr: float = 0.0  # 0: lr
     mode: str = "mix"  # "seq" | "mix"
     freeze_encoder: bool = False
     pcgrad: bool = False
@@ -76,8 +77,13 @@ def forever(loader) -> Iterator[Batch]:
         yield from loader
 
 
-def make_optimizer(params, settings: TrainSettings, total_steps: int):
-    optimizer = AdamW([p for p in params if p.requires_grad], lr=settings.lr,
+def make_optimizer(encoder_params, head_params, settings: TrainSettings, total_steps: int):
+    """AdamW with the encoder at lr and the freshly initialised heads at head_lr (or lr),
+    both on one warmup/decay schedule."""
+    groups = [{"params": [p for p in params if p.requires_grad], "lr": lr}
+              for params, lr in ((encoder_params, settings.lr),
+                                 (head_params, settings.head_lr or settings.lr))]
+    optimizer = AdamW([g for g in groups if g["params"]], lr=settings.lr,
                       weight_decay=settings.weight_decay)
     warmup = int(settings.warmup_ratio * total_steps)
 
@@ -149,7 +155,8 @@ class Trainer:
         encoder_params = list(self.model.encoder.parameters())
         if s.mode == "mix":
             steps = s.epochs * max(len(loader) for loader in self.loaders.values())
-            self.optimizer, self.scheduler = make_optimizer(self.model.parameters(), s, steps)
+            self.optimizer, self.scheduler = make_optimizer(
+                encoder_params, self.model.heads.parameters(), s, steps)
             shared = [p for p in encoder_params if p.requires_grad]
             use_surgery = shared and (s.pcgrad or s.grad_diagnostics)
             self.surgery = PCGrad(shared, len(self.tasks), project=s.pcgrad,
@@ -157,7 +164,7 @@ class Trainer:
         else:
             # seq: a separate AdamW per task, over the encoder and that task's head.
             self.task_optimizers = {
-                t.name: make_optimizer(encoder_params + list(t.head.parameters()), s,
+                t.name: make_optimizer(encoder_params, t.head.parameters(), s,
                                        s.epochs * len(self.loaders[t.name]))
                 for t in self.tasks}
 

@@ -139,3 +139,14 @@ def test_pooler_trains_only_when_a_head_reads_it(tiny_checkpoint, tiny_data, tmp
     assert torch.equal(saved[f"encoder.{name}"], original[name]) != pooler_trains
     assert not torch.equal(saved["encoder.bert_layers.0.out_dense.weight"],
                            original["bert_layers.0.out_dense.weight"])
+
+
+def test_heads_get_their_own_learning_rate_on_the_shared_schedule():
+    from trainer import TrainSettings, make_optimizer
+    encoder, head = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
+    settings = TrainSettings(epochs=1, lr=1e-5, head_lr=1e-3, warmup_ratio=0.5)
+    optimizer, scheduler = make_optimizer(encoder.parameters(), head.parameters(), settings, 10)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2e-6, 2e-4])  # warmup 1/5
+    same, _ = make_optimizer(encoder.parameters(), head.parameters(),
+                             TrainSettings(epochs=1, lr=1e-5), 10)
+    assert [g["lr"] for g in same.param_groups] == [1e-5, 1e-5]
