@@ -184,11 +184,17 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Settings that may differ between the runs of one table row without a note.
+PER_RUN_SETTINGS = ("seed", "run_dir", "progress", "data_dir")
+
+
 def mixed_settings(groups: dict[str, list[Run]]) -> list[str]:
-    """Configurations whose runs differ in budget, which a seed mean should not hide."""
+    """Configurations whose runs differ in a setting other than the seed (budget, lr,
+    encoding, ...), which a mean over them should not hide."""
     notes = []
     for name, runs in groups.items():
-        for key in ("epochs", "subsample"):
+        keys = sorted({k for r in runs for k in r.config} - set(PER_RUN_SETTINGS))
+        for key in keys:
             values = {json.dumps(r.config.get(key)) for r in runs}
             if len(values) > 1:
                 notes.append(f"note: {name} mixes runs with different {key}: {sorted(values)}")

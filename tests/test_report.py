@@ -133,3 +133,13 @@ def test_paired_groups_need_same_dropout(runs, tmp_path):
     full = report.group_runs(report.find_runs(runs))
     assert list(plots.paired_groups(full, pcgrad=True, aux=False)) == [
         "finetune-mix (0.3)", "finetune-mix + PCGrad (0.3)"]
+
+
+def test_runs_of_one_row_with_other_settings_get_a_note(tmp_path, capsys):
+    root = str(tmp_path)
+    write_run(root, "a", dict(MIX, lr=5e-5), 0, [(0.4, 0.8, 0.8, 0.66)])
+    write_run(root, "b", dict(MIX, lr=1e-5), 1, [(0.4, 0.8, 0.8, 0.66)])
+    report.write_report(root)
+    printed = capsys.readouterr().out
+    assert "finetune-mix (0.3) mixes runs with different lr" in printed
+    assert "different seed" not in printed
