@@ -12,6 +12,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from config import ConfigError
+
+# Read once: os.umask can only be read by setting it.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write(path: str, write: Callable[[Any], None], mode: str = "w") -> None:
     """Write through `write(file)` into a temporary file beside `path`, then rename it
@@ -24,9 +30,7 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "w") -> No
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are for sharing
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for sharing
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -44,7 +48,6 @@ RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "best.pt", "predictions")
 def start_run_dir(run_dir: str, config: dict) -> None:
     """Create the run folder and write config.json into it. A folder that already holds a
     run's results is refused: its metrics would mix two runs and its files be overwritten."""
-    from config import ConfigError
     found = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(run_dir, name))]
     if found:
         raise ConfigError(f"--run_dir {run_dir} already holds a run ({', '.join(found)}); "
@@ -102,7 +105,6 @@ def run_cli(main: Callable[[], Any]) -> int:
     """A script's entry point: bad input (a data file, a checkpoint, an option) becomes
     one clear message on stderr and exit code 2, not a traceback."""
     from base_bert import CheckpointError
-    from config import ConfigError
     from datasets import DataError
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.INFO)
     try:
