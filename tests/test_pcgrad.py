@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from optimizer import AdamW
-from pcgrad import PCGrad, gradient_cosines, project_conflicting
+from pcgrad import PCGrad, gradient_cosines, gram_matrix, project_conflicting
 
 
 def rng(seed=0):
@@ -143,3 +143,10 @@ def test_wrapper_checks_arguments():
         PCGrad(shared.parameters(), 2, reduction="max")
     with pytest.raises(ValueError, match="expected 3 losses"):
         PCGrad(shared.parameters(), 3).pc_backward(losses())
+
+
+def test_gram_matrix_blocks_match_double_precision():
+    grads = torch.randn(3, 3 * 4096 + 123, generator=torch.Generator().manual_seed(3))
+    expected = grads.double() @ grads.double().T
+    torch.testing.assert_close(gram_matrix(grads).double(), expected, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(gram_matrix(grads, block=1000).double(), expected, rtol=1e-5, atol=1e-3)
