@@ -17,6 +17,7 @@ def test_flags_and_types():
     assert cfg.pcgrad and not cfg.bucket and cfg.epochs == 2
     assert cfg.hidden_dropout_prob == 0.5 and cfg.aux == "y.csv"
     assert cfg.run_name() == "finetune-mix-pcgrad-aux-0.5"
+    assert parse_config(MultitaskConfig, ["--tasks", "quora"]).run_name() == "finetune-mix-quora-0.3"
 
 
 def test_bad_choice_exits(capsys):
@@ -32,6 +33,10 @@ def test_inconsistent_options():
         parse_config(MultitaskConfig, ["--epochs", "0"])
     with pytest.raises(ConfigError, match="--seq_order must name"):
         parse_config(MultitaskConfig, ["--seq_order", "sst,sts"])
+    with pytest.raises(ConfigError, match="--tasks must name"):
+        parse_config(MultitaskConfig, ["--tasks", "quora,qnli"])
+    with pytest.raises(ConfigError, match="--tasks must name"):
+        parse_config(MultitaskConfig, ["--tasks", "sts,sts"])
     with pytest.raises(ConfigError, match="--eval_only needs --load"):
         parse_config(MultitaskConfig, ["--eval_only"])
 

@@ -51,6 +51,15 @@ def test_modes_train_and_write_results(tiny_checkpoint, tiny_data, tmp_path, ext
                      "sts-dev-output.csv", "sts-test-output.csv"]
 
 
+def test_a_subset_of_tasks_trains_alone(tiny_checkpoint, tiny_data, tmp_path):
+    run_dir = mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "run", "--epochs", "1",
+                                "--tasks", "quora,sts", "--pcgrad"))
+    record = epochs(run_dir)[0]
+    assert set(record["dev"]) == set(record["train_loss"]) == {"quora", "sts"}
+    assert set(record["grad"]) == {"quora/sts"}
+    assert record["overall"] == pytest.approx((record["dev"]["quora"] + record["dev"]["sts"]) / 2)
+
+
 def test_pretrain_freezes_the_encoder(tiny_checkpoint, tiny_data, tmp_path):
     run_dir = mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "run",
                                 "--option", "pretrain", "--epochs", "1"))
