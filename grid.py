@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import report
 from config import build_parser
+from utils import CONFIG_FILE, SUMMARY_FILE
 
 DATA_DIR_ENV = "MINBERT_DATA_DIR"  # the same variable the data loaders read
 AUX_FILE = "yelp-aux-train.csv"
@@ -125,13 +126,13 @@ def trainer_argv(row: dict, seed: int, run_dir: str, opts: GridOptions) -> list[
 
 
 def is_done(run_dir: str) -> bool:
-    return os.path.isfile(os.path.join(run_dir, "summary.json"))
+    return os.path.isfile(os.path.join(run_dir, SUMMARY_FILE))
 
 
 def check_same_run(run_dir: str, row: dict, seed: int, opts: GridOptions) -> None:
     """A finished folder counts as done only if it ran what is asked now; otherwise a
     changed --epochs would silently reuse old numbers."""
-    path = os.path.join(run_dir, "config.json")
+    path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as f:

@@ -24,7 +24,8 @@ from evaluation import predict, write_predictions
 from optimizer import AdamW
 from pcgrad import PCGrad, gradient_cosines
 from tasks import Task
-from utils import append_jsonl, load_checkpoint, save_checkpoint, write_json
+from utils import (CHECKPOINT_FILE, METRICS_FILE, PREDICTIONS_DIR, SUMMARY_FILE, append_jsonl,
+                   load_checkpoint, save_checkpoint, write_json)
 
 
 class MultitaskBERT(nn.Module):
@@ -127,7 +128,7 @@ class Trainer:
                                             bucket=settings.bucket, seed=settings.seed)
                         for t in tasks}
         self.eval_tasks = [t for t in tasks if t.spec.evaluated]
-        self.best_path = os.path.join(run_dir, "best.pt")
+        self.best_path = os.path.join(run_dir, CHECKPOINT_FILE)
 
     # --- training ------------------------------------------------------------------------
 
@@ -142,7 +143,7 @@ class Trainer:
             overall = sum(dev.values()) / len(dev)
             record = {"epoch": epoch, "train_loss": losses, "dev": dev, "overall": overall,
                       "grad": grad_stats, "seconds": round(time.time() - start, 1)}
-            append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), record)
+            append_jsonl(os.path.join(self.run_dir, METRICS_FILE), record)
             self.log(format_epoch(record))
             if overall > best:
                 best, best_epoch, best_dev = overall, epoch, {**dev, "overall": overall}
@@ -231,7 +232,7 @@ class Trainer:
         self.model.load_state_dict(load_checkpoint(self.best_path)["model"])
         write_all_predictions(self.model, self.eval_tasks, self.run_dir, self.device, ("test",))
         summary = {"best_epoch": best_epoch, "best": best, "epochs": self.settings.epochs}
-        write_json(os.path.join(self.run_dir, "summary.json"), summary)
+        write_json(os.path.join(self.run_dir, SUMMARY_FILE), summary)
         return summary
 
 
@@ -241,7 +242,7 @@ def eval_loader(task: Task, examples):
 
 
 def prediction_path(run_dir: str, task: Task, split: str) -> str:
-    return os.path.join(run_dir, "predictions", f"{task.name}-{split}-output.csv")
+    return os.path.join(run_dir, PREDICTIONS_DIR, f"{task.name}-{split}-output.csv")
 
 
 def write_all_predictions(model, tasks: list[Task], run_dir: str, device,

@@ -42,7 +42,14 @@ def write_json(path: str, obj: Any) -> None:
     atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True))
 
 
-RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "best.pt", "predictions")
+# The files of a run folder, named once for the trainer that writes them and the readers.
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_FILE = "best.pt"
+PREDICTIONS_DIR = "predictions"
+# What a run writes after its config: any of them means the folder already holds a run.
+RUN_OUTPUTS = (METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE, PREDICTIONS_DIR)
 
 
 def start_run_dir(run_dir: str, config: dict) -> None:
@@ -53,7 +60,7 @@ def start_run_dir(run_dir: str, config: dict) -> None:
         raise ConfigError(f"--run_dir {run_dir} already holds a run ({', '.join(found)}); "
                           "choose another folder or remove it")
     os.makedirs(run_dir, exist_ok=True)
-    write_json(os.path.join(run_dir, "config.json"), config)
+    write_json(os.path.join(run_dir, CONFIG_FILE), config)
 
 
 def append_jsonl(path: str, obj: Any) -> None:
