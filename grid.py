@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import report
 from config import build_parser
+from results import config_name, config_slug
 from utils import CONFIG_FILE, SUMMARY_FILE
 
 DATA_DIR_ENV = "MINBERT_DATA_DIR"  # the same variable the data loaders read
@@ -91,8 +92,8 @@ def table1_rows(aux_path: str) -> list[dict]:
 
 def select_rows(rows: list[dict], wanted: str) -> list[dict]:
     """Rows named in `wanted` (slugs or display names, case-insensitive), in table order."""
-    known = {report.config_slug(r).lower(): r for r in rows}
-    known.update({report.config_name(r).lower(): r for r in rows})
+    known = {config_slug(r).lower(): r for r in rows}
+    known.update({config_name(r).lower(): r for r in rows})
     names = []
     for item in split_list(wanted.lower()):
         # "a b" is one display name if known, else space-separated slugs
@@ -102,7 +103,7 @@ def select_rows(rows: list[dict], wanted: str) -> list[dict]:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from: "
-                         + ", ".join(report.config_slug(r) for r in rows))
+                         + ", ".join(config_slug(r) for r in rows))
     chosen = [id(known[n]) for n in names]
     return [r for r in rows if id(r) in chosen]
 
@@ -166,8 +167,8 @@ def run_grid(opts: GridOptions, runner: Runner | None = None) -> dict:
     # seeds outermost: a cut-short grid still has every row once
     jobs = [(row, seed) for seed in seeds for row in rows]
     for i, (row, seed) in enumerate(jobs, 1):
-        run_dir = os.path.join(opts.runs_dir, f"{report.config_slug(row)}-seed{seed}")
-        label = f"[{i}/{len(jobs)}] {report.config_name(row)} seed {seed}"
+        run_dir = os.path.join(opts.runs_dir, f"{config_slug(row)}-seed{seed}")
+        label = f"[{i}/{len(jobs)}] {config_name(row)} seed {seed}"
         if is_done(run_dir):
             check_same_run(run_dir, row, seed, opts)
             print(f"{label}: done, skipping")

@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only: this also runs on machines without a displa
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from report import LABELS, METRICS, Run, dropout_label, metric_value  # noqa: E402
+from results import LABELS, METRICS, Run, dropout_label, metric_value  # noqa: E402
 
 DPI = 100
 

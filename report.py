@@ -3,8 +3,9 @@
     python report.py [RUNS_ROOT] [--out DIR]   # defaults: runs/grid, RUNS_ROOT/report
 
 A run folder is any folder below RUNS_ROOT holding config.json and metrics.jsonl (written
-by multitask_classifier.py); summary.json marks it complete. Runs are grouped by
-`config_name`, so seeds of one configuration become one row (mean ± sample std).
+by multitask_classifier.py; read by results.py); summary.json marks it complete. Runs are
+grouped by `results.config_name`, so seeds of one configuration become one row (mean ±
+sample std).
 """
 from __future__ import annotations
 
@@ -12,115 +13,11 @@ import json
 import os
 import statistics
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from config import parse_config
-from utils import atomic_write, write_json
-
-
-TASKS = ("sst", "quora", "sts")
-METRICS = TASKS + ("overall",)
-LABELS = {"sst": "SST acc", "quora": "Quora acc", "sts": "STS corr", "overall": "Overall"}
-
-
-# --- naming -----------------------------------------------------------------------------
-
-def dropout_label(cfg: dict) -> str:
-    return f"{float(cfg.get('hidden_dropout_prob', 0.0)):g}"
-
-
-def _method(cfg: dict) -> str:
-    base = "pretrain" if cfg.get("option") == "pretrain" else "finetune"
-    if base == "finetune" or cfg.get("mode") == "seq":
-        base += f"-{cfg.get('mode', 'mix')}"
-    return base
-
-
-def _extras(cfg: dict) -> list[str]:
-    return [label for key, label in (("pcgrad", "PCGrad"), ("aux", "aux")) if cfg.get(key)]
-
-
-def config_name(cfg: dict) -> str:
-    """Display name of a configuration, e.g. 'finetune-mix + PCGrad (0.3)'."""
-    dropout = dropout_label(cfg)
-    if cfg.get("option") == "pretrain":
-        dropout = f"dropout {dropout}"
-    return " + ".join([_method(cfg)] + _extras(cfg)) + f" ({dropout})"
-
-
-def config_slug(cfg: dict) -> str:
-    """Filesystem-safe name of a configuration, e.g. 'finetune-mix-pcgrad-0.3'."""
-    return "-".join([_method(cfg)] + [e.lower() for e in _extras(cfg)] + [dropout_label(cfg)])
-
-
-def sort_key(cfg: dict) -> tuple:
-    """Table 1's row order: pretrain, finetune-seq, finetune-mix, + PCGrad, + aux."""
-    return (cfg.get("option") != "pretrain", cfg.get("mode") != "seq", bool(cfg.get("aux")),
-            bool(cfg.get("pcgrad")), float(cfg.get("hidden_dropout_prob", 0.0)))
-
-
-# --- loading ----------------------------------------------------------------------------
-
-@dataclass
-class Run:
-    path: str
-    config: dict
-    epochs: list[dict]
-    summary: dict | None
-
-    @property
-    def complete(self) -> bool:
-        return self.summary is not None
-
-    def best(self) -> dict | None:
-        """The epoch with the highest dev overall score (the first one on ties)."""
-        scored = [e for e in self.epochs if e.get("overall") is not None]
-        return max(scored, key=lambda e: e["overall"]) if scored else None
-
-
-def _read_json(path: str) -> dict | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def read_metrics(path: str) -> list[dict]:
-    """Epoch records; a line that does not parse is skipped, since a running trainer may be
-    halfway through writing the last one."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return sorted(records, key=lambda r: r.get("epoch", 0))
-
-
-def load_run(path: str) -> Run:
-    return Run(path=path, config=_read_json(os.path.join(path, "config.json")) or {},
-               epochs=read_metrics(os.path.join(path, "metrics.jsonl")),
-               summary=_read_json(os.path.join(path, "summary.json")))
-
-
-def find_runs(root: str) -> list[Run]:
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        if "config.json" in files and "metrics.jsonl" in files:
-            found.append(load_run(folder))
-    return found
-
-
-def group_runs(runs: Iterable[Run]) -> dict[str, list[Run]]:
-    """Runs by configuration name, in Table 1's order."""
-    groups: dict[str, list[Run]] = {}
-    for run in sorted(runs, key=lambda r: (sort_key(r.config), r.config.get("seed") or 0, r.path)):
-        groups.setdefault(config_name(run.config), []).append(run)
-    return groups
+from plots import write_plots
+from results import LABELS, METRICS, Run, config_slug, find_runs, group_runs, metric_value
+from utils import CONFIG_FILE, METRICS_FILE, atomic_write, write_json
 
 
 # --- table ------------------------------------------------------------------------------
@@ -146,10 +43,6 @@ def summarize(name: str, runs: list[Run], complete: bool) -> dict:
         if values:
             row["mean"][metric], row["std"][metric] = _stats(values)
     return row
-
-
-def metric_value(epoch: dict, metric: str) -> float | None:
-    return epoch.get("overall") if metric == "overall" else epoch.get("dev", {}).get(metric)
 
 
 def table_rows(groups: dict[str, list[Run]]) -> list[dict]:
@@ -209,7 +102,7 @@ def write_report(root: str, out: str | None = None) -> dict:
     os.makedirs(out, exist_ok=True)
     groups = group_runs(find_runs(root))
     if not groups:
-        print(f"no run folders (config.json + metrics.jsonl) found below {root}")
+        print(f"no run folders ({CONFIG_FILE} + {METRICS_FILE}) found below {root}")
     for note in mixed_settings(groups):
         print(note)
     rows = table_rows(groups)
@@ -217,7 +110,6 @@ def write_report(root: str, out: str | None = None) -> dict:
     files = [os.path.join(out, "table.md"), os.path.join(out, "table.json")]
     atomic_write(files[0], lambda f: f.write(markdown))
     write_json(files[1], {"rows": rows})
-    from plots import write_plots  # imported here: plots.py builds on this module
     files += write_plots(groups, out)
     return {"table_md": markdown, "rows": rows, "files": files}
 

@@ -5,6 +5,7 @@ import os
 import pytest
 
 import grid
+import results
 
 
 class FakeTrainer:
@@ -144,6 +145,6 @@ def test_unknown_row_lists_the_known_ones():
     rows = grid.table1_rows("aux.csv")
     with pytest.raises(SystemExit, match="finetune-mix-pcgrad-0.3"):
         grid.select_rows(rows, "finetune-mix-0.7")
-    assert [grid.report.config_slug(r) for r in grid.select_rows(rows, "all")][:2] == [
+    assert [results.config_slug(r) for r in grid.select_rows(rows, "all")][:2] == [
         "pretrain-0.3", "finetune-seq-0.3"]
     assert len(grid.select_rows(rows, "pretrain-0.3 finetune-seq-0.3")) == 2

@@ -6,6 +6,7 @@ import pytest
 
 import plots
 import report
+import results
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MIX = {"option": "finetune", "mode": "mix", "pcgrad": False, "aux": "",
@@ -62,12 +63,12 @@ def test_config_names_and_slugs():
              (dict(MIX, aux="data/yelp-aux-train.csv"), "finetune-mix + aux (0.3)",
               "finetune-mix-aux-0.3")]
     for cfg, name, slug in cases:
-        assert report.config_name(cfg) == name
-        assert report.config_slug(cfg) == slug
+        assert results.config_name(cfg) == name
+        assert results.config_slug(cfg) == slug
 
 
 def test_best_epoch_is_chosen_by_overall(runs):
-    run = report.load_run(os.path.join(runs, "mix-s0"))
+    run = results.load_run(os.path.join(runs, "mix-s0"))
     assert run.complete and run.best()["epoch"] == 2
 
 
@@ -128,9 +129,9 @@ def test_paired_groups_need_same_dropout(runs, tmp_path):
     root = str(tmp_path / "r")
     write_run(root, "mix05", dict(MIX, hidden_dropout_prob=0.5), 0, [(0.4, 0.8, 0.8, 0.66)])
     write_run(root, "pcg03", PCGRAD, 0, [(0.4, 0.8, 0.8, 0.66)])
-    groups = report.group_runs(report.find_runs(root))
+    groups = results.group_runs(results.find_runs(root))
     assert plots.paired_groups(groups, pcgrad=True, aux=False) == {}
-    full = report.group_runs(report.find_runs(runs))
+    full = results.group_runs(results.find_runs(runs))
     assert list(plots.paired_groups(full, pcgrad=True, aux=False)) == [
         "finetune-mix (0.3)", "finetune-mix + PCGrad (0.3)"]
 

@@ -1,0 +1,124 @@
+"""Reading run folders, and the names that group runs into the rows of the report's Table 1.
+
+A run folder (written by multitask_classifier.py) holds config.json (the run's settings),
+metrics.jsonl (one record per epoch: train losses, dev scores, overall, gradient
+statistics) and, once the run has finished, summary.json. Any folder holding the first two
+counts as a run, complete or not. Runs whose configurations share a `config_name` (they
+differ only in the seed, say) are grouped into one table row, ordered by `sort_key`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from utils import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+
+TASKS = ("sst", "quora", "sts")
+METRICS = TASKS + ("overall",)
+LABELS = {"sst": "SST acc", "quora": "Quora acc", "sts": "STS corr", "overall": "Overall"}
+
+
+# --- naming -----------------------------------------------------------------------------
+
+def dropout_label(cfg: dict) -> str:
+    return f"{float(cfg.get('hidden_dropout_prob', 0.0)):g}"
+
+
+def _method(cfg: dict) -> str:
+    base = "pretrain" if cfg.get("option") == "pretrain" else "finetune"
+    if base == "finetune" or cfg.get("mode") == "seq":
+        base += f"-{cfg.get('mode', 'mix')}"
+    return base
+
+
+def _extras(cfg: dict) -> list[str]:
+    return [label for key, label in (("pcgrad", "PCGrad"), ("aux", "aux")) if cfg.get(key)]
+
+
+def config_name(cfg: dict) -> str:
+    """Display name of a configuration, e.g. 'finetune-mix + PCGrad (0.3)'."""
+    dropout = dropout_label(cfg)
+    if cfg.get("option") == "pretrain":
+        dropout = f"dropout {dropout}"
+    return " + ".join([_method(cfg)] + _extras(cfg)) + f" ({dropout})"
+
+
+def config_slug(cfg: dict) -> str:
+    """Filesystem-safe name of a configuration, e.g. 'finetune-mix-pcgrad-0.3'."""
+    return "-".join([_method(cfg)] + [e.lower() for e in _extras(cfg)] + [dropout_label(cfg)])
+
+
+def sort_key(cfg: dict) -> tuple:
+    """Table 1's row order: pretrain, finetune-seq, finetune-mix, + PCGrad, + aux."""
+    return (cfg.get("option") != "pretrain", cfg.get("mode") != "seq", bool(cfg.get("aux")),
+            bool(cfg.get("pcgrad")), float(cfg.get("hidden_dropout_prob", 0.0)))
+
+
+# --- loading ----------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    path: str
+    config: dict
+    epochs: list[dict]
+    summary: dict | None
+
+    @property
+    def complete(self) -> bool:
+        return self.summary is not None
+
+    def best(self) -> dict | None:
+        """The epoch with the highest dev overall score (the first one on ties)."""
+        scored = [e for e in self.epochs if e.get("overall") is not None]
+        return max(scored, key=lambda e: e["overall"]) if scored else None
+
+
+def metric_value(epoch: dict, metric: str) -> float | None:
+    return epoch.get("overall") if metric == "overall" else epoch.get("dev", {}).get(metric)
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_metrics(path: str) -> list[dict]:
+    """Epoch records; a line that does not parse is skipped, since a running trainer may be
+    halfway through writing the last one."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return sorted(records, key=lambda r: r.get("epoch", 0))
+
+
+def load_run(path: str) -> Run:
+    return Run(path=path, config=_read_json(os.path.join(path, CONFIG_FILE)) or {},
+               epochs=read_metrics(os.path.join(path, METRICS_FILE)),
+               summary=_read_json(os.path.join(path, SUMMARY_FILE)))
+
+
+def find_runs(root: str) -> list[Run]:
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        if CONFIG_FILE in files and METRICS_FILE in files:
+            found.append(load_run(folder))
+    return found
+
+
+def group_runs(runs: Iterable[Run]) -> dict[str, list[Run]]:
+    """Runs by configuration name, in Table 1's order."""
+    groups: dict[str, list[Run]] = {}
+    for run in sorted(runs, key=lambda r: (sort_key(r.config), r.config.get("seed") or 0, r.path)):
+        groups.setdefault(config_name(run.config), []).append(run)
+    return groups
