@@ -44,6 +44,7 @@ class LinearHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(hidden, outputs)
         self.pooling = pooling
+        self.reads_pooler = pooling == "pooler"  # MultitaskBERT.train_encoder freezes an unread pooler
 
     def forward(self, encoder: BertModel, batch: Batch) -> torch.Tensor:
         logits = self.linear(self.dropout(pool(encoder, batch, self.pooling)))  # (B, C)
@@ -56,6 +57,7 @@ class BiEncoderHead(nn.Module):
     def __init__(self, hidden: int, dropout: float, score: str):
         super().__init__()
         self.score = score
+        self.reads_pooler = False
         self.dropout = nn.Dropout(dropout)
         # Sentence-BERT's classification features (Reimers & Gurevych, 2019, eq. 1).
         self.linear = nn.Linear(4 * hidden, 1) if score == "features" else None

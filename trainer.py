@@ -49,7 +49,7 @@ class MultitaskBERT(nn.Module):
         unread, it would get all-zero gradients from PCGrad's buffers and still decay under
         weight decay."""
         self.encoder.requires_grad_(train)
-        if not any(getattr(head, "pooling", "") == "pooler" for head in self.heads.values()):
+        if not any(head.reads_pooler for head in self.heads.values()):
             self.encoder.pooler_dense.requires_grad_(False)
 
 
