@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -34,7 +35,10 @@ def _method(cfg: dict) -> str:
 
 
 def _extras(cfg: dict) -> list[str]:
-    return [label for key, label in (("pcgrad", "PCGrad"), ("aux", "aux")) if cfg.get(key)]
+    labels = [label for key, label in (("pcgrad", "PCGrad"), ("aux", "aux")) if cfg.get(key)]
+    tasks = cfg.get("tasks", ",".join(TASKS))
+    # A single-task baseline (--tasks) is its own row, never averaged with the full runs.
+    return labels + ([] if tasks == ",".join(TASKS) else [f"{tasks.replace(',', '+')} only"])
 
 
 def config_name(cfg: dict) -> str:
@@ -47,7 +51,8 @@ def config_name(cfg: dict) -> str:
 
 def config_slug(cfg: dict) -> str:
     """Filesystem-safe name of a configuration, e.g. 'finetune-mix-pcgrad-0.3'."""
-    return "-".join([_method(cfg)] + [e.lower() for e in _extras(cfg)] + [dropout_label(cfg)])
+    words = [_method(cfg)] + [re.sub(r"[^a-z0-9]+", "-", e.lower()) for e in _extras(cfg)]
+    return "-".join(words + [dropout_label(cfg)])
 
 
 def sort_key(cfg: dict) -> tuple:

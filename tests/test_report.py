@@ -61,7 +61,9 @@ def test_config_names_and_slugs():
              (dict(MIX, hidden_dropout_prob=0.5), "finetune-mix (0.5)", "finetune-mix-0.5"),
              (PCGRAD, "finetune-mix + PCGrad (0.3)", "finetune-mix-pcgrad-0.3"),
              (dict(MIX, aux="data/yelp-aux-train.csv"), "finetune-mix + aux (0.3)",
-              "finetune-mix-aux-0.3")]
+              "finetune-mix-aux-0.3"),
+             (dict(MIX, tasks="quora,sts"), "finetune-mix + quora+sts only (0.3)",
+              "finetune-mix-quora-sts-only-0.3")]
     for cfg, name, slug in cases:
         assert results.config_name(cfg) == name
         assert results.config_slug(cfg) == slug
