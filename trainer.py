@@ -142,7 +142,7 @@ class Trainer:
             dev, outputs = self.evaluate()
             overall = sum(dev.values()) / len(dev)
             record = {"epoch": epoch, "train_loss": losses, "dev": dev, "overall": overall,
-                      "grad": grad_stats, "seconds": round(time.time() - start, 1)}
+                      **grad_stats, "seconds": round(time.time() - start, 1)}
             append_jsonl(os.path.join(self.run_dir, METRICS_FILE), record)
             self.log(format_epoch(record))
             if overall > best:
@@ -181,7 +181,7 @@ class Trainer:
             totals = [t + loss for t, loss in zip(totals, losses)]
             diagnostics.add(gram)
         return ({t.name: total / steps for t, total in zip(self.tasks, totals)},
-                diagnostics.summary())
+                {"grad": diagnostics.summary(), "grad_norm": diagnostics.norms()})
 
     def train_epoch_seq(self, epoch: int) -> tuple[dict, dict]:
         self.model.train()
@@ -199,7 +199,7 @@ class Trainer:
                 scheduler.step()
                 total, count = total + loss.item(), count + 1
             losses[task.name] = total / max(count, 1)
-        return losses, {}
+        return losses, {"grad": {}}
 
     def progress(self, iterable, desc: str):
         return tqdm(iterable, desc=desc, leave=False, disable=not self.settings.progress,
@@ -271,6 +271,8 @@ class GradDiagnostics:
         self.names = [f"{tasks[i].name}/{tasks[j].name}" for i, j in self.pairs]
         self.cos_sum = [0.0] * len(self.pairs)
         self.conflicts = [0] * len(self.pairs)
+        self.tasks = [t.name for t in tasks]
+        self.norm_sum = [0.0] * len(tasks)
         self.steps = 0
 
     def add(self, gram: torch.Tensor | None) -> None:
@@ -281,6 +283,10 @@ class GradDiagnostics:
         for n, (i, j) in enumerate(self.pairs):
             self.cos_sum[n] += cos[i, j].item()
             self.conflicts[n] += int(gram[i, j] < 0)
+        # Under Adam a task whose gradient is small next to the others' gets a small share
+        # of each step's update: the norms show whether one task drowns out another.
+        norms = gram.diagonal().clamp(min=0).sqrt().tolist()
+        self.norm_sum = [total + norm for total, norm in zip(self.norm_sum, norms)]
 
     def summary(self) -> dict:
         if not self.steps:
@@ -288,12 +294,20 @@ class GradDiagnostics:
         return {name: {"cos": round(c / self.steps, 4), "conflict": round(k / self.steps, 4)}
                 for name, c, k in zip(self.names, self.cos_sum, self.conflicts)}
 
+    def norms(self) -> dict:
+        """Mean L2 norm of each task's encoder gradient over the epoch's steps."""
+        if not self.steps:
+            return {}
+        return {name: round(total / self.steps, 5) for name, total in zip(self.tasks, self.norm_sum)}
+
 
 def format_epoch(record: dict) -> str:
     losses = " ".join(f"{k} {v:.3f}" for k, v in record["train_loss"].items())
     dev = " ".join(f"{k} {v:.3f}" for k, v in record["dev"].items())
     text = (f"epoch {record['epoch']}: train loss [{losses}] dev [{dev}] "
             f"overall {record['overall']:.3f} ({record['seconds']:.0f}s)")
+    if record.get("grad_norm"):
+        text += "\n  grad norm: " + " ".join(f"{k} {v:.3g}" for k, v in record["grad_norm"].items())
     for pair, stats in record["grad"].items():
         text += f"\n  grad {pair}: mean cos {stats['cos']:+.3f}, conflicts {stats['conflict']:.0%}"
     return text

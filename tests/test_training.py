@@ -43,6 +43,8 @@ def test_modes_train_and_write_results(tiny_checkpoint, tiny_data, tmp_path, ext
     if extra[1::2][:2] == ["finetune", "mix"]:  # diagnostics with and without --pcgrad
         assert set(records[0]["grad"]) == {"sst/quora", "sst/sts", "quora/sts"} | (
             {"sst/aux", "quora/aux", "sts/aux"} if "--aux" in extra else set())
+        norms = records[0]["grad_norm"]
+        assert set(norms) == set(records[0]["train_loss"]) and all(v > 0 for v in norms.values())
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     best = records[summary["best_epoch"] - 1]
     assert best["overall"] == max(r["overall"] for r in records)
