@@ -62,7 +62,7 @@ class MultitaskConfig:
     max_length: int = 128
     pooling: str = field(default="mean", metadata=_help(
         "sentence vector for the linear heads", choices=list(POOLINGS)))
-    quora_encoding: str = field(default="bi", metadata=_help(
+    quora_encoding: str = field(default="cross", metadata=_help(
         "cross: the pair as one input; bi: each sentence alone", choices=list(ENCODINGS)))
     sts_encoding: str = field(default="bi", metadata=_help(
         "cross: the pair as one input; bi: cosine of the two sentences", choices=list(ENCODINGS)))

@@ -23,7 +23,7 @@ def epochs(run_dir):
 
 
 @pytest.mark.parametrize("extra", [
-    ["--option", "pretrain", "--mode", "mix"],
+    ["--option", "pretrain", "--mode", "mix", "--quora_encoding", "bi"],
     ["--option", "finetune", "--mode", "seq"],
     ["--option", "finetune", "--mode", "mix", "--quora_encoding", "cross", "--sts_encoding", "cross"],
     ["--option", "finetune", "--mode", "mix", "--pcgrad"],
