@@ -51,14 +51,20 @@ def _save(fig, axes, path: str, title: str) -> str:
     return path
 
 
+def _curves(ax, groups: dict[str, list[Run]], value: Callable[[dict], float | None],
+            colors: dict[str, str] | None) -> None:
+    for name, runs in groups.items():
+        xs, ys = mean_curve(runs, value)
+        if xs:
+            ax.plot(xs, ys, marker="o", markersize=3, label=name, color=(colors or {}).get(name))
+
+
 def plot_dev_curves(groups: dict[str, list[Run]], path: str, title: str,
                     colors: dict[str, str] | None = None) -> str:
     """Dev metric per epoch (mean over seeds), one panel per task plus overall."""
     fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharex=True)
     for ax, metric in zip(axes.flat, METRICS):
-        for name, runs in groups.items():
-            xs, ys = mean_curve(runs, lambda e, m=metric: metric_value(e, m))
-            ax.plot(xs, ys, marker="o", markersize=3, label=name, color=(colors or {}).get(name))
+        _curves(ax, groups, lambda e, m=metric: metric_value(e, m), colors)
         ax.set_title(LABELS[metric], fontsize=10)
         _style(ax)
     for ax in axes[-1]:
@@ -104,15 +110,29 @@ def plot_conflicts(groups: dict[str, list[Run]], path: str,
     for col, pair in enumerate(pairs):
         for row, (key, label) in enumerate((("cos", "mean cosine"), ("conflict", "conflict frac"))):
             ax = axes[row][col]
-            for name, runs in groups.items():
-                xs, ys = mean_curve(runs, lambda e, p=pair, k=key: _grad(e, p, k))
-                if xs:
-                    ax.plot(xs, ys, marker="o", markersize=3, label=name,
-                            color=(colors or {}).get(name))
+            _curves(ax, groups, lambda e, p=pair, k=key: _grad(e, p, k), colors)
             ax.set_title(f"{pair}: {label}", fontsize=9)
             ax.set_xlabel("epoch" if row else "")
             _style(ax)
     return _save(fig, axes, path, "Gradient conflicts between tasks")
+
+
+def plot_grad_norms(groups: dict[str, list[Run]], path: str,
+                    colors: dict[str, str] | None = None) -> str | None:
+    """Mean encoder gradient norm per task over epochs: a task whose gradient is much
+    smaller than the others' gets a small share of each (Adam-normalised) update."""
+    records = (rec for runs in groups.values() for run in runs for rec in run.epochs)
+    tasks = list(dict.fromkeys(t for rec in records for t in (rec.get("grad_norm") or {})))
+    if not tasks:
+        return None
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3 * len(tasks) + 1, 3), squeeze=False)
+    for col, task in enumerate(tasks):
+        ax = axes[0][col]
+        _curves(ax, groups, lambda e, t=task: (e.get("grad_norm") or {}).get(t), colors)
+        ax.set_title(f"{task}: gradient norm", fontsize=9)
+        ax.set_xlabel("epoch")
+        _style(ax)
+    return _save(fig, axes, path, "Encoder gradient norm per task")
 
 
 def write_plots(groups: dict[str, list[Run]], out: str) -> list[str]:
@@ -129,11 +149,13 @@ def write_plots(groups: dict[str, list[Run]], out: str) -> list[str]:
             written.append(plot_dev_curves(chosen, os.path.join(out, file), title, colors))
         else:
             _skip(out, file, "needs finetune-mix and its variant at the same dropout")
-    conflicts = plot_conflicts(groups, os.path.join(out, "conflicts.png"), colors)
-    if conflicts:
-        written.append(conflicts)
-    else:
-        _skip(out, "conflicts.png", "no run has gradient diagnostics ('grad')")
+    for file, plot, key in (("conflicts.png", plot_conflicts, "grad"),
+                            ("grad_norms.png", plot_grad_norms, "grad_norm")):
+        path = plot(groups, os.path.join(out, file), colors)
+        if path:
+            written.append(path)
+        else:
+            _skip(out, file, f"no run has gradient diagnostics ('{key}')")
     return written
 
 

@@ -14,7 +14,7 @@ MIX = {"option": "finetune", "mode": "mix", "pcgrad": False, "aux": "",
 PCGRAD = dict(MIX, pcgrad=True)
 
 
-def write_run(root, folder, cfg, seed, epochs, complete=True, grad=None):
+def write_run(root, folder, cfg, seed, epochs, complete=True, grad=None, grad_norm=None):
     """A run folder as multitask_classifier.py writes it; `epochs` holds (sst, quora, sts,
     overall) per epoch."""
     path = os.path.join(root, folder)
@@ -26,6 +26,8 @@ def write_run(root, folder, cfg, seed, epochs, complete=True, grad=None):
             record = {"epoch": i, "train_loss": {"sst": 1.0, "quora": 0.5, "sts": 1.0},
                       "dev": {"sst": sst, "quora": quora, "sts": sts}, "overall": overall,
                       "grad": grad or {}, "seconds": 10.0}
+            if grad_norm:
+                record["grad_norm"] = grad_norm
             f.write(json.dumps(record) + "\n")
     if complete:
         with open(os.path.join(path, "summary.json"), "w") as f:
@@ -44,7 +46,8 @@ def runs(tmp_path):
     write_run(root, "mix-s0", MIX, 0, [(0.40, 0.80, 0.80, 0.66), (0.50, 0.84, 0.86, 0.70),
                                        (0.55, 0.81, 0.70, 0.65)])
     write_run(root, "mix-s1", MIX, 1, [(0.46, 0.86, 0.88, 0.72), (0.44, 0.85, 0.80, 0.69)])
-    write_run(root, "sub/pcgrad-s0", PCGRAD, 0, [(0.47, 0.83, 0.85, 0.71)], grad=GRAD)
+    write_run(root, "sub/pcgrad-s0", PCGRAD, 0, [(0.47, 0.83, 0.85, 0.71)], grad=GRAD,
+              grad_norm={"sst": 7.4, "quora": 4.0, "sts": 15.3})
     write_run(root, "sub/pcgrad-s1", PCGRAD, 1, [(0.30, 0.70, 0.60, 0.55), (0.35, 0.75, 0.65, 0.60)],
               complete=False, grad=GRAD)
     return root
@@ -105,7 +108,7 @@ def test_table_mean_std_and_incomplete(runs, tmp_path):
 def test_plots_are_pngs_and_missing_ones_are_skipped(runs, tmp_path, capsys):
     out = str(tmp_path / "out")
     files = report.write_report(runs, out)["files"]
-    for name in ("methods.png", "pcgrad.png", "conflicts.png"):
+    for name in ("methods.png", "pcgrad.png", "conflicts.png", "grad_norms.png"):
         path = os.path.join(out, name)
         assert path in files
         with open(path, "rb") as f:
@@ -123,6 +126,7 @@ def test_conflicts_skipped_without_grad_and_partial_line_tolerated(tmp_path, cap
     report.main([root])
     printed = capsys.readouterr().out
     assert "skipping conflicts.png" in printed and "skipping pcgrad.png" in printed
+    assert "skipping grad_norms.png" in printed
     assert "| finetune-mix (0.3) (incomplete) | 0.400 |" in printed
     assert os.path.isfile(os.path.join(root, "report", "methods.png"))
 
