@@ -42,7 +42,7 @@ class MultitaskConfig:
     pcgrad_reduction: str = field(default="sum", metadata=_help(
         "combine projected gradients by sum (the paper) or mean", choices=["sum", "mean"]))
     aux: str = field(default="", metadata=_help("auxiliary 5-class sentiment file (e.g. Yelp)"))
-    tasks: str = field(default="sst,quora,sts", metadata=_help(
+    tasks: str = field(default=",".join(TASK_NAMES), metadata=_help(
         "the evaluated tasks to train (comma-separated), e.g. quora alone for a single-task baseline"))
     epochs: int = 3
     lr: float = field(default=0.0, metadata=_help("0: 1e-3 for pretrain, 1e-5 for finetune"))
@@ -96,8 +96,8 @@ class MultitaskConfig:
             raise ConfigError("--pcgrad needs --mode mix (one batch of every task per step)")
         if self.eval_only and not self.load:
             raise ConfigError("--eval_only needs --load CHECKPOINT")
-        chosen = self.tasks.split(",")
-        if not chosen or any(name not in TASK_NAMES for name in chosen) or len(set(chosen)) < len(chosen):
+        chosen = self.task_names
+        if any(name not in TASK_NAMES for name in chosen) or len(set(chosen)) < len(chosen):
             raise ConfigError(f"--tasks must name some of {', '.join(TASK_NAMES)}, each once, "
                               f"got {self.tasks!r}")
         if sorted(self.seq_order.split(",")) != sorted(TASK_NAMES):
@@ -108,11 +108,15 @@ class MultitaskConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
 
+    @property
+    def task_names(self) -> list[str]:
+        return self.tasks.split(",")
+
     def run_name(self) -> str:
         name = "pretrain" if self.option == "pretrain" else f"finetune-{self.mode}"
         name += "-pcgrad" if self.pcgrad else ""
         name += "-aux" if self.aux else ""
-        name += "" if self.tasks == "sst,quora,sts" else "-" + self.tasks.replace(",", "-")
+        name += "" if self.task_names == list(TASK_NAMES) else "-" + "-".join(self.task_names)
         return f"{name}-{self.hidden_dropout_prob:g}"
 
 
@@ -123,7 +127,7 @@ def build_tasks(cfg: MultitaskConfig, tokenizer: BertTokenizer, bert_config: Ber
                         getattr(cfg, f"batch_size_{name}"), cfg.hidden_dropout_prob,
                         cfg.pooling, encodings.get(name, "cross"), with_eval,
                         weight=getattr(cfg, f"weight_{name}"))
-             for name in TASK_NAMES if name in cfg.tasks.split(",")]
+             for name in TASK_NAMES if name in cfg.task_names]
     if cfg.aux:
         tasks.append(build_task(aux_spec(), cfg.data_dir, tokenizer, bert_config,
                                 cfg.batch_size_aux, cfg.hidden_dropout_prob, cfg.pooling,
