@@ -13,14 +13,11 @@ from typing import Mapping
 
 import torch
 
-from bert import BertModel, init_module
+from bert import BertModel
 from config import BertConfig
+from errors import CheckpointError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or state dict that does not fit the encoder."""
 
 
 def default_checkpoint_path() -> str:
@@ -113,10 +110,14 @@ def read_weights(folder: str) -> dict[str, torch.Tensor]:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             continue
-        if name.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+                return load_file(path)
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # safetensors and torch raise many kinds for a bad file
+            raise CheckpointError(f"{path}: not a readable weight file (truncated or "
+                                  f"corrupt? {type(err).__name__}: {err})") from None
     raise CheckpointError(f"{folder}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
 
 
@@ -138,9 +139,3 @@ def from_pretrained(path: str | None = None, fused_attention: bool = True,
     if config_overrides:
         config = config.replace(**config_overrides)
     return load_pretrained(BertModel(config, fused_attention), folder)
-
-
-def init_weights(module: torch.nn.Module, config: BertConfig) -> torch.nn.Module:
-    """Random BERT-style initialisation of a module tree (a fresh encoder or task heads)."""
-    module.apply(lambda m: init_module(m, config.initializer_range))
-    return module

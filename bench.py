@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from base_bert import default_checkpoint_path, from_pretrained
-from config import parse_config
+from cli import parse_config
 from optimizer import AdamW
 
 

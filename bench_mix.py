@@ -11,13 +11,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from base_bert import from_pretrained
-from config import parse_config
+import run
+from cli import parse_config
 from datasets import default_data_dir, make_loader
-from multitask_classifier import MultitaskConfig, build_model, build_tasks
+from multitask_classifier import MultitaskConfig, build_tasks
 from optimizer import AdamW
 from pcgrad import PCGrad, gram_matrix
-from tokenizer import BertTokenizer
 from trainer import mix_step
 
 
@@ -34,13 +33,12 @@ class MixBenchConfig:
 
 def main() -> None:
     cfg = parse_config(MixBenchConfig, description=__doc__)
-    torch.manual_seed(cfg.seed)
-    encoder = from_pretrained(cfg.checkpoint or None)
     task_cfg = MultitaskConfig(data_dir=cfg.data_dir, checkpoint=cfg.checkpoint, seed=cfg.seed,
-                               precision=cfg.precision)
-    tasks = build_tasks(task_cfg, BertTokenizer.from_pretrained(cfg.checkpoint or None),
-                        encoder.config, with_eval=False)
-    model = build_model(task_cfg, encoder, tasks).train()
+                               precision=cfg.precision, progress=False)
+    s = run.setup(task_cfg)
+    encoder = s.encoder
+    tasks = build_tasks(task_cfg, s.tokenizer, encoder.config, ("train",))
+    model = run.build_model(task_cfg, encoder, tasks, s.device).train()
     model.train_encoder(True)  # as the trainer does: the unread pooler stays out
     shared = [p for p in encoder.parameters() if p.requires_grad]
     streams = [iter(make_loader(t.train, t.collate, t.batch_size, shuffle=True, bucket=True,

@@ -27,9 +27,6 @@ class BertOutput:
     last_hidden_state: torch.Tensor  # (B, T, H)
     pooler_output: torch.Tensor  # (B, H)
 
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return getattr(self, key)
-
 
 def extended_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, T) 1/0 mask -> (B, 1, 1, T) additive mask: 0 for real tokens, a large negative

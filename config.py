@@ -1,19 +1,15 @@
-"""Configuration: `BertConfig` for the encoder, and the dataclass -> argparse bridge
-that every script uses for its own options."""
+"""`BertConfig`: what the encoder uses, read from a checkpoint's config.json."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Sequence, Type, TypeVar, get_args, get_origin
+from typing import Any
+
+from errors import ConfigError
 
 SUPPORTED_ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh")
-
-
-class ConfigError(ValueError):
-    """A config.json or a command-line option that cannot be used."""
 
 
 @dataclass
@@ -86,49 +82,3 @@ class BertConfig:
 
     def replace(self, **changes: Any) -> "BertConfig":
         return dataclasses.replace(self, **changes)
-
-
-# --- dataclass <-> argparse -------------------------------------------------------------
-
-T = TypeVar("T")
-
-
-def _arg_type(field_type: Any):
-    """The argparse type of a dataclass field annotation ('int', 'float | None', ...)."""
-    if isinstance(field_type, str):
-        base = field_type.replace(" ", "").replace("|None", "").replace("Optional[", "").rstrip("]")
-        return {"int": int, "float": float, "str": str, "bool": bool}.get(base, str)
-    if get_origin(field_type) is not None:
-        args = [a for a in get_args(field_type) if a is not type(None)]
-        return args[0] if args else str
-    return field_type
-
-
-def build_parser(cls: Type[T], description: str = "") -> argparse.ArgumentParser:
-    """An ArgumentParser with one `--name` option per field of the dataclass `cls`.
-    Field metadata may give `help` and `choices`, or `positional` for an optional
-    positional argument; bools become --flag / --no-flag."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(cls):
-        kind = _arg_type(f.type)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", " ")
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, nargs="?", type=kind, default=default, help=help_text)
-        elif kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
-                                default=default, help=help_text)
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=default, help=help_text,
-                                choices=f.metadata.get("choices"))
-    return parser
-
-
-def parse_config(cls: Type[T], argv: Sequence[str] | None = None, description: str = "") -> T:
-    args = build_parser(cls, description).parse_args(argv)
-    return cls(**vars(args))
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)

@@ -3,16 +3,19 @@ encoder: dynamic padding through the project tokenizer, optional length bucketin
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import random
-import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from errors import DataError
+from specs import LabelSpec
 from tokenizer import BertTokenizer, Encoded
 
 DATA_DIR_ENV = "MINBERT_DATA_DIR"
@@ -20,37 +23,8 @@ MAX_REPORTED_LINES = 5
 LOG = logging.getLogger("minbert.data")
 
 
-class DataError(ValueError):
-    """A data file that cannot be read: the message names the file (and line)."""
-
-
 def default_data_dir() -> str:
     return os.environ.get(DATA_DIR_ENV, "data")
-
-
-@dataclass(frozen=True)
-class LabelSpec:
-    """How a label column is parsed and checked."""
-    column: str
-    low: float
-    high: float
-    integer: bool  # class ids (int64) rather than scores (float32)
-
-    def parse(self, raw: str) -> float | int:
-        value = float(raw)
-        if self.integer:
-            if value != int(value):
-                raise ValueError(f"{raw!r} is not a whole number")
-            value = int(value)
-        if not self.low <= value <= self.high:
-            raise ValueError(f"{raw!r} is outside {self.low:g}..{self.high:g}")
-        return value
-
-
-SENTIMENT_5 = LabelSpec("sentiment", 0, 4, integer=True)  # SST-5, Yelp stars - 1
-SENTIMENT_2 = LabelSpec("sentiment", 0, 1, integer=True)  # CFIMDB
-PARAPHRASE = LabelSpec("is_duplicate", 0, 1, integer=True)  # Quora
-SIMILARITY = LabelSpec("similarity", 0.0, 5.0, integer=False)  # STS-B
 
 
 @dataclass
@@ -62,10 +36,35 @@ class Example:
 
 def read_examples(path: str, text_columns: Sequence[str],
                   label: LabelSpec | None = None) -> list[Example]:
-    """Read a starter file. Rows with an empty field are skipped with one DataWarning that
-    counts them; a missing file or column, or a label out of range, raises DataError."""
+    """Read a starter file. Rows with an empty field are skipped with one warning that
+    names their lines; a missing file or column, a label out of range or bytes that are not
+    UTF-8 raise DataError naming the file and line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found (see data/README.md to fetch the data)")
+    try:
+        examples, skipped = _read_rows(path, text_columns, label)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}, line {first_undecodable_line(path)}: not UTF-8 text "
+                        f"({err.reason})") from None
+    if skipped:
+        LOG.warning(f"{path}: skipped {len(skipped)} row(s) with an empty field "
+                    f"(line {_some(skipped)})")
+    if not examples:
+        raise DataError(f"{path}: no usable rows")
+    repeated = [i for i, n in Counter(e.id for e in examples).items() if n > 1]
+    if repeated:
+        LOG.warning(f"{path}: {len(repeated)} id(s) occur more than once ({_some(repeated)}); "
+                    "their prediction files will repeat them")
+    return examples
+
+
+def _some(items: list) -> str:
+    more = ", ..." if len(items) > MAX_REPORTED_LINES else ""
+    return ", ".join(map(str, items[:MAX_REPORTED_LINES])) + more
+
+
+def _read_rows(path: str, text_columns: Sequence[str],
+               label: LabelSpec | None) -> tuple[list[Example], list[int]]:
     columns = ["id", *text_columns] + ([label.column] if label else [])
     examples, skipped = [], []
     with open(path, encoding="utf-8", newline="") as f:
@@ -82,14 +81,19 @@ def read_examples(path: str, text_columns: Sequence[str],
             examples.append(Example(row["id"].strip(),
                                     tuple(row[c].strip() for c in text_columns),
                                     parse_label(label, row, path, reader.line_num)))
-    if skipped:
-        lines = ", ".join(map(str, skipped[:MAX_REPORTED_LINES]))
-        more = ", ..." if len(skipped) > MAX_REPORTED_LINES else ""
-        LOG.warning(f"{path}: skipped {len(skipped)} row(s) with an empty field "
-                    f"(line {lines}{more})")
-    if not examples:
-        raise DataError(f"{path}: no usable rows")
-    return examples
+    return examples, skipped
+
+
+def first_undecodable_line(path: str) -> int:
+    """The text layer decodes in blocks, so the reader's line count is not where the bad
+    bytes are: find the first line that is not UTF-8."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
 
 
 def parse_label(spec: LabelSpec | None, row: dict, path: str, line: int) -> float | int | None:

@@ -2,7 +2,7 @@
 embeddings and their cosine similarities."""
 import torch
 
-from base_bert import from_pretrained
+from base_bert import default_checkpoint_path, from_pretrained
 from bert import mean_pool
 from tokenizer import BertTokenizer
 
@@ -11,7 +11,8 @@ SENTENCES = ["A man is playing a guitar.", "Someone plays an instrument on stage
 
 
 def main() -> None:
-    model, tok = from_pretrained().eval(), BertTokenizer.from_pretrained()
+    folder = default_checkpoint_path()
+    model, tok = from_pretrained(folder).eval(), BertTokenizer.from_pretrained(folder)
     enc = tok.encode(SENTENCES)
     with torch.inference_mode():
         emb = mean_pool(model(**enc.as_kwargs()).last_hidden_state, enc.attention_mask)

@@ -1,14 +1,18 @@
-"""Metrics, prediction over a loader, and the prediction files."""
+"""Metrics, prediction, and the prediction files: the one evaluation path that the
+per-epoch evaluation, the end of training and --eval_only all use."""
 from __future__ import annotations
 
 import csv
+import os
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score
 
-from utils import atomic_write
+from datasets import make_loader
+from runfiles import PREDICTIONS_DIR, atomic_write
 
 
 def accuracy(predictions: Sequence, labels: Sequence) -> float:
@@ -24,6 +28,72 @@ def pearson(predictions: Sequence, labels: Sequence) -> float:
 
 
 METRICS = {"accuracy": accuracy, "pearson": pearson}
+
+
+@dataclass
+class Predictions:
+    """One task's predictions on one split, in file order; labels empty when unlabeled."""
+    task: object  # tasks.Task
+    split: str
+    ids: list
+    values: list
+    labels: list
+
+    def score(self) -> float:
+        return self.task.metric(self.values, self.labels)
+
+    def path(self, run_dir: str) -> str:
+        return os.path.join(run_dir, PREDICTIONS_DIR, f"{self.task.name}-{self.split}-output.csv")
+
+    def write(self, run_dir: str) -> str:
+        path = self.path(run_dir)
+        write_predictions(path, self.ids, self.values, self.task.spec.prediction_label)
+        return path
+
+
+def eval_loader(task, examples):
+    """In file order; evaluation holds no activations, so batches can be larger."""
+    return make_loader(examples, task.collate, max(task.batch_size, 32), shuffle=False)
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, task, split: str, device: torch.device) -> Predictions:
+    """A task's predictions on one of its splits. The model is left in eval mode."""
+    model.eval()
+    ids, values, labels = [], [], []
+    for batch in eval_loader(task, task.examples(split)):
+        batch = batch.to(device)
+        output = model(task.name, batch)
+        ids += batch.ids
+        values += task.predict(output).cpu().tolist()
+        if batch.labels is not None:
+            labels += batch.labels.cpu().tolist()
+    return Predictions(task, split, ids, values, labels)
+
+
+def predict_all(model, tasks, device, splits: Sequence[str]) -> list[Predictions]:
+    """Every evaluated task on every asked split it has data for."""
+    return [predict(model, task, split, device) for task in tasks if task.spec.evaluated
+            for split in splits if task.examples(split)]
+
+
+def dev_scores(predictions: list[Predictions]) -> dict[str, float]:
+    return {p.task.name: p.score() for p in predictions if p.split == "dev"}
+
+
+def overall(scores: dict[str, float]) -> float:
+    """The mean of the trained tasks' dev metrics."""
+    return sum(scores.values()) / len(scores)
+
+
+def format_results(scores: dict[str, float], tasks, title: str) -> str:
+    """The dev table printed at the end of training and by --eval_only."""
+    metric = {t.name: t.metric_name for t in tasks}
+    lines = [title, f"  {'task':<8}{'metric':<10}{'value':>7}"]
+    lines += [f"  {name:<8}{metric[name]:<10}{value:>7.3f}" for name, value in scores.items()]
+    if len(scores) > 1:
+        lines.append(f"  {'overall':<8}{'mean':<10}{overall(scores):>7.3f}")
+    return "\n".join(lines)
 
 
 def write_predictions(path: str, ids: Sequence[str], predictions: Sequence,
@@ -48,19 +118,3 @@ def read_predictions(path: str) -> dict[str, str]:
         reader = csv.reader(f)
         next(reader)
         return {row[0]: row[1] for row in reader}
-
-
-@torch.inference_mode()
-def predict(model: torch.nn.Module, task, loader, device: torch.device) -> tuple[list, list, list]:
-    """(ids, predictions, labels) of one task over an (unshuffled) loader; labels are
-    empty for unlabeled files. The model is left in eval mode."""
-    model.eval()
-    ids, predictions, labels = [], [], []
-    for batch in loader:
-        batch = batch.to(device)
-        output = model(task.name, batch)
-        ids += batch.ids
-        predictions += task.predict(output).cpu().tolist()
-        if batch.labels is not None:
-            labels += batch.labels.cpu().tolist()
-    return ids, predictions, labels

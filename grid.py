@@ -10,18 +10,19 @@ interrupted, so it is removed and run again from scratch.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
 import shutil
-from dataclasses import dataclass, field
+import sys
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Callable, Sequence
 
 import report
-from config import build_parser
+from cli import build_parser, run_cli
+from errors import ConfigError
 from results import config_name, config_slug
-from utils import CONFIG_FILE, SUMMARY_FILE
+from runfiles import CONFIG_FILE, SUMMARY_FILE, read_json
 
 DATA_DIR_ENV = "MINBERT_DATA_DIR"  # the same variable the data loaders read
 AUX_FILE = "yelp-aux-train.csv"
@@ -51,7 +52,7 @@ class GridOptions:
     pretrain_lr: float = field(default=0.0, metadata={
         "help": "learning rate of the pretrain row; 0: the trainer's default"})
     extra: str = field(default="", metadata={
-        "help": "extra trainer arguments for every run, e.g. --extra=\"--batch_size 16\""})
+        "help": "extra trainer arguments for every run, e.g. --extra=\"--batch_size_quora 32\""})
 
 
 def parse_options(argv: Sequence[str] | None = None) -> GridOptions:
@@ -102,7 +103,7 @@ def select_rows(rows: list[dict], wanted: str) -> list[dict]:
         return rows
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise SystemExit(f"unknown rows {unknown}; choose from: "
+        raise ConfigError(f"--rows: unknown rows {unknown}; choose from: "
                          + ", ".join(config_slug(r) for r in rows))
     chosen = [id(known[n]) for n in names]
     return [r for r in rows if id(r) in chosen]
@@ -130,25 +131,40 @@ def is_done(run_dir: str) -> bool:
     return os.path.isfile(os.path.join(run_dir, SUMMARY_FILE))
 
 
-def check_same_run(run_dir: str, row: dict, seed: int, opts: GridOptions) -> None:
-    """A finished folder counts as done only if it ran what is asked now; otherwise a
-    changed --epochs would silently reuse old numbers."""
+# Settings a finished run may differ in and still count as the run asked for.
+HARMLESS = ("progress", "run_dir")
+
+
+def trainer_config(argv: list[str]):
+    """The trainer's own parser and config checks: the full configuration of a run."""
+    import multitask_classifier  # imported late: it pulls in torch and the model
+    from cli import parse_config
+    return parse_config(multitask_classifier.MultitaskConfig, argv)
+
+
+def config_differences(saved: dict, wanted) -> dict:
+    """Setting -> (found, wanted) for every setting of `wanted` that `saved` does not share;
+    a setting the saved run predates counts as its default."""
+    defaults = {f.name: f.default for f in fields(wanted) if f.default is not MISSING}
+    differ = {}
+    for key, value in asdict(wanted).items():
+        found = saved.get(key, defaults.get(key))
+        if key not in HARMLESS and found != value:
+            differ[key] = (found, value)
+    return differ
+
+
+def check_same_run(run_dir: str, argv: list[str]) -> None:
+    """A finished folder counts as done only if it ran exactly what is asked now; a changed
+    lr, --extra, data folder or checkpoint must never reuse old numbers."""
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    wanted = {"option": row["option"], "mode": row["mode"], "pcgrad": row["pcgrad"],
-              "aux": bool(row["aux"]), "hidden_dropout_prob": float(row["hidden_dropout_prob"]),
-              "seed": seed, "epochs": opts.epochs, "subsample": opts.subsample}
-    found = {k: cfg.get(k) for k in wanted}
-    found["aux"], found["pcgrad"] = bool(found["aux"]), bool(found["pcgrad"])
-    if found.get("hidden_dropout_prob") is not None:
-        found["hidden_dropout_prob"] = float(found["hidden_dropout_prob"])
-    differ = {k: (found[k], wanted[k]) for k in wanted if found[k] != wanted[k]}
+        raise ConfigError(f"{run_dir} has a summary.json but no {CONFIG_FILE}: not a run folder")
+    differ = config_differences(read_json(path), trainer_config(argv))
     if differ:
-        raise SystemExit(f"{run_dir} is a finished run with other settings "
-                         f"(found, wanted): {differ}; remove it or use another --runs_dir")
+        listed = "; ".join(f"{k}: {found!r} there, {want!r} now" for k, (found, want) in differ.items())
+        raise ConfigError(f"{run_dir} is a finished run with other settings ({listed}); "
+                          "remove it or use another --runs_dir")
 
 
 def default_runner() -> Runner:
@@ -163,21 +179,22 @@ def run_grid(opts: GridOptions, runner: Runner | None = None) -> dict:
     rows = select_rows(table1_rows(aux_path), opts.rows)
     seeds = list(dict.fromkeys(parse_seeds(opts.seeds)))
     if not seeds:
-        raise SystemExit("no seeds given")
+        raise ConfigError("--seeds: no seeds given")
     # seeds outermost: a cut-short grid still has every row once
     jobs = [(row, seed) for seed in seeds for row in rows]
     for i, (row, seed) in enumerate(jobs, 1):
         run_dir = os.path.join(opts.runs_dir, f"{config_slug(row)}-seed{seed}")
         label = f"[{i}/{len(jobs)}] {config_name(row)} seed {seed}"
+        argv = trainer_argv(row, seed, run_dir, opts)
         if is_done(run_dir):
-            check_same_run(run_dir, row, seed, opts)
+            check_same_run(run_dir, argv)
             print(f"{label}: done, skipping")
             continue
         if os.path.exists(run_dir):
             print(f"{label}: {run_dir} has no summary.json (interrupted), rerunning from scratch")
             shutil.rmtree(run_dir)
         print(f"{label} -> {run_dir}", flush=True)
-        finished = runner(trainer_argv(row, seed, run_dir, opts)) or run_dir
+        finished = runner(argv) or run_dir
         if not is_done(finished):
             print(f"warning: {finished} has no summary.json after the run")
     return report.write_report(opts.runs_dir, os.path.join(opts.runs_dir, "report"))
@@ -192,4 +209,4 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dic
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only: this also runs on machines without a displa
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from results import LABELS, METRICS, Run, dropout_label, metric_value  # noqa: E402
+from results import LABELS, METRICS, Run, dropout_label, is_full, metric_value  # noqa: E402
 
 DPI = 100
 
@@ -73,7 +73,8 @@ def plot_dev_curves(groups: dict[str, list[Run]], path: str, title: str,
 
 
 def _is_mix(cfg: dict, pcgrad: bool, aux: bool) -> bool:
-    return (cfg.get("option") == "finetune" and cfg.get("mode") == "mix"
+    """finetune-mix on every task: a --tasks subset is never a baseline of these figures."""
+    return (cfg.get("option") == "finetune" and cfg.get("mode") == "mix" and is_full(cfg)
             and bool(cfg.get("pcgrad")) == pcgrad and bool(cfg.get("aux")) == aux)
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 from dataclasses import dataclass, field
 
-from config import parse_config
+
+from cli import parse_config, run_cli
 from plots import write_plots
 from results import LABELS, METRICS, Run, config_slug, find_runs, group_runs, metric_value
-from utils import CONFIG_FILE, METRICS_FILE, atomic_write, write_json
+from runfiles import CONFIG_FILE, METRICS_FILE, ResultsError, atomic_write, write_json
 
 
 # --- table ------------------------------------------------------------------------------
@@ -70,7 +72,9 @@ def format_table(rows: list[dict]) -> str:
     for row in rows:
         lines.append(f"| {row['name']} | " + " | ".join(_cell(row, m) for m in METRICS) + " |")
     lines += ["", "Dev-set scores at each run's best epoch (by overall); mean ± sample std "
-              "over seeds where a configuration has several.", ""]
+              "over seeds where a configuration has several. The number in brackets is "
+              "--hidden_dropout_prob, the dropout on the task heads' inputs (the STS cosine "
+              "head has none; the encoder keeps its checkpoint's dropout).", ""]
     for row in rows:
         lines.append(f"- {row['name']}: seeds {row['seeds']}, best epochs {row['best_epochs']}, "
                      f"epochs run {row['epochs_done']}")
@@ -124,7 +128,7 @@ class ReportConfig:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(ReportConfig, argv, description=__doc__)
     if not os.path.isdir(cfg.runs_root):
-        raise SystemExit(f"error: {cfg.runs_root}: no such folder")
+        raise ResultsError(f"{cfg.runs_root}: no such folder")
     result = write_report(cfg.runs_root, cfg.out or None)
     print(result["table_md"])
     for path in result["files"]:
@@ -132,4 +136,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -8,17 +8,16 @@ differ only in the seed, say) are grouped into one table row, ordered by `sort_k
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from utils import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from runfiles import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_jsonl
+from specs import SPECS, TASK_NAMES, canonical_tasks
 
-TASKS = ("sst", "quora", "sts")
-METRICS = TASKS + ("overall",)
-LABELS = {"sst": "SST acc", "quora": "Quora acc", "sts": "STS corr", "overall": "Overall"}
+METRICS = TASK_NAMES + ("overall",)
+LABELS = {**{name: SPECS[name].label_text for name in TASK_NAMES}, "overall": "Overall"}
 
 
 # --- naming -----------------------------------------------------------------------------
@@ -34,11 +33,19 @@ def _method(cfg: dict) -> str:
     return base
 
 
+def task_set(cfg: dict) -> tuple[str, ...]:
+    """The evaluated tasks a run trained, in canonical order (typed order never matters)."""
+    return canonical_tasks(str(cfg.get("tasks") or ",".join(TASK_NAMES)).split(","))
+
+
+def is_full(cfg: dict) -> bool:
+    return task_set(cfg) == TASK_NAMES
+
+
 def _extras(cfg: dict) -> list[str]:
     labels = [label for key, label in (("pcgrad", "PCGrad"), ("aux", "aux")) if cfg.get(key)]
-    tasks = cfg.get("tasks", ",".join(TASKS))
     # A single-task baseline (--tasks) is its own row, never averaged with the full runs.
-    return labels + ([] if tasks == ",".join(TASKS) else [f"{tasks.replace(',', '+')} only"])
+    return labels + ([] if is_full(cfg) else ["+".join(task_set(cfg)) + " only"])
 
 
 def config_name(cfg: dict) -> str:
@@ -85,25 +92,13 @@ def metric_value(epoch: dict, metric: str) -> float | None:
 
 
 def _read_json(path: str) -> dict | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path) if os.path.isfile(path) else None
 
 
 def read_metrics(path: str) -> list[dict]:
-    """Epoch records; a line that does not parse is skipped, since a running trainer may be
-    halfway through writing the last one."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return sorted(records, key=lambda r: r.get("epoch", 0))
+    """Epoch records, in epoch order. metrics.jsonl is written atomically, so a line that
+    does not parse is corruption: runfiles.ResultsError names the file and line."""
+    return sorted(read_jsonl(path), key=lambda r: r.get("epoch", 0))
 
 
 def load_run(path: str) -> Run:

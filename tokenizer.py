@@ -54,19 +54,11 @@ class BertTokenizer:
         self._tok.enable_padding(pad_id=self.pad_token_id, pad_token="[PAD]")
 
     @classmethod
-    def from_pretrained(cls, folder: str | None = None,
+    def from_pretrained(cls, folder: str,
                         max_length: int = DEFAULT_MAX_LENGTH) -> "BertTokenizer":
-        if folder is None:
-            from base_bert import default_checkpoint_path
-            folder = default_checkpoint_path()
+        """The tokenizer of a checkpoint folder (callers resolve the folder: the data
+        layer never reaches into the model loader)."""
         return cls(os.path.join(folder, "vocab.txt"), _lowercase(folder), max_length)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size()
-
-    def tokenize(self, text: str) -> list[str]:
-        return self._tok.encode(text, add_special_tokens=False).tokens
 
     def encode(self, texts: Sequence[str],
                pairs: Sequence[str] | None = None) -> Encoded:

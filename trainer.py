@@ -11,65 +11,19 @@ import itertools
 import math
 import os
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from bert import BertModel
 from datasets import Batch, make_loader
-from evaluation import predict, write_predictions
+from evaluation import Predictions, dev_scores, overall, predict_all
+from heads import MultitaskBERT
 from optimizer import AdamW
 from pcgrad import PCGrad, gradient_cosines
+from runfiles import CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, append_jsonl, write_json
 from tasks import Task
-from utils import (CHECKPOINT_FILE, METRICS_FILE, PREDICTIONS_DIR, SUMMARY_FILE, append_jsonl,
-                   load_checkpoint, save_checkpoint, write_json)
-
-
-class MultitaskBERT(nn.Module):
-    """One shared encoder and one head per task (the report's section 4.2).
-    `bf16=True` runs the forward pass under bfloat16 autocast (fp32 weights, optimizer
-    and losses); the outputs come back as fp32."""
-
-    def __init__(self, encoder: BertModel, heads: dict[str, nn.Module], bf16: bool = False):
-        super().__init__()
-        self.encoder = encoder
-        self.heads = nn.ModuleDict(heads)
-        self.bf16 = bf16
-
-    def forward(self, task_name: str, batch: Batch) -> torch.Tensor:
-        device_type = batch.encoded.input_ids.device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self.heads[task_name](self.encoder, batch).float()
-
-    def train_encoder(self, train: bool) -> None:
-        """Freeze or unfreeze the encoder. The pooler layer trains only if a head reads it:
-        unread, it would get all-zero gradients from PCGrad's buffers and still decay under
-        weight decay."""
-        self.encoder.requires_grad_(train)
-        if not any(head.reads_pooler for head in self.heads.values()):
-            self.encoder.pooler_dense.requires_grad_(False)
-
-
-@dataclass
-class TrainSettings:
-    epochs: int
-    lr: float
-    head_lr: float = 0.0  # 0: lr
-    mode: str = "mix"  # "seq" | "mix"
-    freeze_encoder: bool = False
-    pcgrad: bool = False
-    pcgrad_reduction: str = "sum"
-    grad_diagnostics: bool = True
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    scheduler: str = "constant"  # "constant" | "linear" (decay to 0 after warmup)
-    bucket: bool = True
-    seq_order: tuple[str, ...] = ("quora", "sst", "sts")  # seq mode; other tasks go last
-    seed: int = 0
-    progress: bool = True
+from utils import load_checkpoint, save_checkpoint
 
 
 def forever(loader) -> Iterator[Batch]:
@@ -78,20 +32,19 @@ def forever(loader) -> Iterator[Batch]:
         yield from loader
 
 
-def make_optimizer(encoder_params, head_params, settings: TrainSettings, total_steps: int):
+def make_optimizer(encoder_params, head_params, cfg, total_steps: int):
     """AdamW with the encoder at lr and the freshly initialised heads at head_lr (or lr),
     both on one warmup/decay schedule."""
     groups = [{"params": [p for p in params if p.requires_grad], "lr": lr}
-              for params, lr in ((encoder_params, settings.lr),
-                                 (head_params, settings.head_lr or settings.lr))]
-    optimizer = AdamW([g for g in groups if g["params"]], lr=settings.lr,
-                      weight_decay=settings.weight_decay)
-    warmup = int(settings.warmup_ratio * total_steps)
+              for params, lr in ((encoder_params, cfg.lr), (head_params, cfg.head_lr or cfg.lr))]
+    optimizer = AdamW([g for g in groups if g["params"]], lr=cfg.lr,
+                      weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        if settings.scheduler == "linear":
+        if cfg.scheduler == "linear":
             return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
         return 1.0
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -117,15 +70,15 @@ class Trainer:
     """Trains, evaluates each epoch, keeps the best checkpoint by the mean dev metric, and
     writes metrics (JSON lines) and the best model's predictions into `run_dir`."""
 
-    def __init__(self, model: MultitaskBERT, tasks: list[Task], settings: TrainSettings,
-                 device: torch.device, run_dir: str, checkpoint_extra: dict,
-                 log: Callable[[str], None] = print):
-        self.model, self.tasks, self.settings = model.to(device), tasks, settings
+    def __init__(self, model: MultitaskBERT, tasks: list[Task], cfg, device: torch.device,
+                 run_dir: str, checkpoint_extra: dict, log: Callable[[str], None] = print):
+        """`cfg`: a run.RunConfig of the script (the trainer reads its fields directly)."""
+        self.model, self.tasks, self.cfg = model.to(device), tasks, cfg
         self.device, self.run_dir, self.log = device, run_dir, log
         self.checkpoint_extra = checkpoint_extra
-        self.model.train_encoder(not settings.freeze_encoder)
+        self.model.train_encoder(not cfg.freeze_encoder)
         self.loaders = {t.name: make_loader(t.train, t.collate, t.batch_size, shuffle=True,
-                                            bucket=settings.bucket, seed=settings.seed)
+                                            bucket=cfg.bucket, seed=cfg.seed)
                         for t in tasks}
         self.eval_tasks = [t for t in tasks if t.spec.evaluated]
         self.best_path = os.path.join(run_dir, CHECKPOINT_FILE)
@@ -133,26 +86,27 @@ class Trainer:
     # --- training ------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        train_epoch = self.train_epoch_mix if self.settings.mode == "mix" else self.train_epoch_seq
+        train_epoch = self.train_epoch_mix if self.cfg.mode == "mix" else self.train_epoch_seq
         self.setup_optimizers()
         best, best_epoch, best_dev = -math.inf, 0, {}
-        for epoch in range(1, self.settings.epochs + 1):
+        for epoch in range(1, self.cfg.epochs + 1):
             start = time.time()
             losses, grad_stats = train_epoch(epoch)
-            dev, outputs = self.evaluate()
-            overall = sum(dev.values()) / len(dev)
-            record = {"epoch": epoch, "train_loss": losses, "dev": dev, "overall": overall,
+            predictions = predict_all(self.model, self.eval_tasks, self.device, ("dev",))
+            dev = dev_scores(predictions)
+            score = overall(dev)
+            record = {"epoch": epoch, "train_loss": losses, "dev": dev, "overall": score,
                       **grad_stats, "seconds": round(time.time() - start, 1)}
             append_jsonl(os.path.join(self.run_dir, METRICS_FILE), record)
             self.log(format_epoch(record))
-            if overall > best:
-                best, best_epoch, best_dev = overall, epoch, {**dev, "overall": overall}
-                self.save(epoch, dev, overall)
-                self.write_dev_predictions(outputs)
+            if score > best:
+                best, best_epoch, best_dev = score, epoch, {**dev, "overall": score}
+                self.save(epoch, dev, score)
+                self.write(predictions)
         return self.finish(best_epoch, best_dev)
 
     def setup_optimizers(self) -> None:
-        s = self.settings
+        s = self.cfg
         encoder_params = list(self.model.encoder.parameters())
         if s.mode == "mix":
             steps = s.epochs * max(len(loader) for loader in self.loaders.values())
@@ -186,7 +140,7 @@ class Trainer:
     def train_epoch_seq(self, epoch: int) -> tuple[dict, dict]:
         self.model.train()
         losses = {}
-        order = {name: i for i, name in enumerate(self.settings.seq_order)}
+        order = {name: i for i, name in enumerate(self.cfg.seq_order.split(","))}
         for task in sorted(self.tasks, key=lambda t: order.get(t.name, len(order))):
             optimizer, scheduler = self.task_optimizers[task.name]
             total, count = 0.0, 0
@@ -202,25 +156,14 @@ class Trainer:
         return losses, {"grad": {}}
 
     def progress(self, iterable, desc: str):
-        return tqdm(iterable, desc=desc, leave=False, disable=not self.settings.progress,
+        return tqdm(iterable, desc=desc, leave=False, disable=not self.cfg.progress,
                     dynamic_ncols=True)
 
     # --- evaluation and results ----------------------------------------------------------
 
-    def evaluate(self) -> tuple[dict[str, float], dict[str, tuple[list, list]]]:
-        """Dev metric per task, and the (ids, predictions) behind it."""
-        dev, outputs = {}, {}
-        for task in self.eval_tasks:
-            ids, predictions, labels = predict(self.model, task, eval_loader(task, task.dev),
-                                               self.device)
-            dev[task.name] = task.metric(predictions, labels)
-            outputs[task.name] = (ids, predictions)
-        return dev, outputs
-
-    def write_dev_predictions(self, outputs: dict[str, tuple[list, list]]) -> None:
-        for task in self.eval_tasks:
-            write_predictions(prediction_path(self.run_dir, task, "dev"), *outputs[task.name],
-                              task.spec.prediction_label)
+    def write(self, predictions: list[Predictions]) -> None:
+        for p in predictions:
+            p.write(self.run_dir)
 
     def save(self, epoch: int, dev: dict, overall: float) -> None:
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -230,36 +173,10 @@ class Trainer:
     def finish(self, best_epoch: int, best: dict) -> dict:
         """Reload the best checkpoint, write its test predictions, mark the run complete."""
         self.model.load_state_dict(load_checkpoint(self.best_path)["model"])
-        write_all_predictions(self.model, self.eval_tasks, self.run_dir, self.device, ("test",))
-        summary = {"best_epoch": best_epoch, "best": best, "epochs": self.settings.epochs}
+        self.write(predict_all(self.model, self.eval_tasks, self.device, ("test",)))
+        summary = {"best_epoch": best_epoch, "best": best, "epochs": self.cfg.epochs}
         write_json(os.path.join(self.run_dir, SUMMARY_FILE), summary)
         return summary
-
-
-def eval_loader(task: Task, examples):
-    """In file order; evaluation holds no activations, so batches can be larger."""
-    return make_loader(examples, task.collate, max(task.batch_size, 32), shuffle=False)
-
-
-def prediction_path(run_dir: str, task: Task, split: str) -> str:
-    return os.path.join(run_dir, PREDICTIONS_DIR, f"{task.name}-{split}-output.csv")
-
-
-def write_all_predictions(model, tasks: list[Task], run_dir: str, device,
-                          splits: tuple[str, ...] = ("dev", "test")) -> dict:
-    """Prediction files per task and split (the starter's layout); returns dev metrics."""
-    dev = {}
-    for task in tasks:
-        for split in splits:
-            examples = task.dev if split == "dev" else task.test
-            if not examples:
-                continue
-            ids, predictions, labels = predict(model, task, eval_loader(task, examples), device)
-            write_predictions(prediction_path(run_dir, task, split), ids, predictions,
-                              task.spec.prediction_label)
-            if split == "dev":
-                dev[task.name] = task.metric(predictions, labels)
-    return dev
 
 
 class GradDiagnostics:

@@ -1,0 +1,18 @@
+"""The errors a user can fix: each becomes one line on stderr and exit code 2 (cli.run_cli).
+Torch-free, so that every layer can raise them."""
+
+
+class UserError(ValueError):
+    """Bad input: the message names the file (and line), the option, or the checkpoint."""
+
+
+class ConfigError(UserError):
+    """A config.json or a command-line option that cannot be used."""
+
+
+class DataError(UserError):
+    """A data file that cannot be read."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint folder, weight file or saved run that does not fit."""

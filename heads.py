@@ -1,0 +1,110 @@
+"""Task heads and the multitask model: one shared encoder, one head per task (the
+report's section 4.2).
+
+Heads take the shared encoder and a batch and return the task's raw output: logits
+(B, C) for classification, one logit (B,) for binary paraphrase detection, a score (B,)
+for similarity. Pair tasks come in two encodings:
+  cross: `[CLS] a [SEP] b [SEP]` as one input, a linear layer on its pooled vector;
+  bi:    each sentence encoded alone and mean-pooled (u, v); similarity scored as
+         5 * cos(u, v), paraphrase classified from [u, v, |u - v|, u * v].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bert import BertModel, init_module, mean_pool
+from datasets import Batch
+from specs import TaskSpec
+
+POOLINGS = ("mean", "cls", "pooler")
+ENCODINGS = ("cross", "bi")
+
+
+def pool(encoder: BertModel, batch: Batch, pooling: str) -> torch.Tensor:
+    """One vector per input: (B, H). MiniLM was trained on mean pooling; its pooler
+    layer looks untrained, so "pooler" suits bert-base more than it suits MiniLM."""
+    out = encoder(**batch.encoded.as_kwargs())
+    if pooling == "mean":
+        return mean_pool(out.last_hidden_state, batch.encoded.attention_mask)
+    if pooling == "cls":
+        return out.last_hidden_state[:, 0]
+    return out.pooler_output
+
+
+class TaskHead(nn.Module):
+    """What the training code asks of every head."""
+    reads_pooler: bool = False  # MultitaskBERT.train_encoder freezes an unread pooler
+    separate_pair: bool = False  # a pair's sentences are encoded as two inputs (bi-encoder)
+
+
+class LinearHead(TaskHead):
+    """Dropout and a linear layer on the pooled input: classes, or one output squeezed."""
+
+    def __init__(self, hidden: int, outputs: int, dropout: float, pooling: str):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden, outputs)
+        self.pooling = pooling
+        self.reads_pooler = pooling == "pooler"
+
+    def forward(self, encoder: BertModel, batch: Batch) -> torch.Tensor:
+        logits = self.linear(self.dropout(pool(encoder, batch, self.pooling)))  # (B, C)
+        return logits.squeeze(-1) if logits.shape[-1] == 1 else logits
+
+
+class BiEncoderHead(TaskHead):
+    """Scores a pair from its two separately encoded, mean-pooled sentences. The cosine
+    score has no parameters and no dropout: `dropout` acts on the features head only."""
+    separate_pair = True
+
+    def __init__(self, hidden: int, dropout: float, score: str):
+        super().__init__()
+        self.score = score
+        self.dropout = nn.Dropout(dropout)
+        # Sentence-BERT's classification features (Reimers & Gurevych, 2019, eq. 1).
+        self.linear = nn.Linear(4 * hidden, 1) if score == "features" else None
+
+    def forward(self, encoder: BertModel, batch: Batch) -> torch.Tensor:
+        pooled = pool(encoder, batch, "mean")  # (2B, H): first sentences, then seconds
+        u, v = pooled.chunk(2)  # (B, H) each
+        if self.score == "cosine":
+            return 5.0 * F.cosine_similarity(u, v, dim=-1)  # (B,) on the 0-5 label scale
+        features = torch.cat([u, v, (u - v).abs(), u * v], dim=-1)  # (B, 4H)
+        return self.linear(self.dropout(features)).squeeze(-1)
+
+
+def make_head(spec: TaskSpec, hidden: int, dropout: float, pooling: str, encoding: str,
+              std: float) -> TaskHead:
+    """A freshly initialised head; `encoding` matters for pair tasks only."""
+    if spec.pair and encoding == "bi":
+        head = BiEncoderHead(hidden, dropout, "cosine" if spec.kind == "regression" else "features")
+    else:
+        head = LinearHead(hidden, spec.num_outputs, dropout, pooling)
+    head.apply(lambda m: init_module(m, std))
+    return head
+
+
+class MultitaskBERT(nn.Module):
+    """One shared encoder and one head per task. `bf16=True` runs the forward pass under
+    bfloat16 autocast (fp32 weights, optimizer and losses); outputs come back as fp32."""
+
+    def __init__(self, encoder: BertModel, heads: dict[str, TaskHead], bf16: bool = False):
+        super().__init__()
+        self.encoder = encoder
+        self.heads = nn.ModuleDict(heads)
+        self.bf16 = bf16
+
+    def forward(self, task_name: str, batch: Batch) -> torch.Tensor:
+        device_type = batch.encoded.input_ids.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.heads[task_name](self.encoder, batch).float()
+
+    def train_encoder(self, train: bool) -> None:
+        """Freeze or unfreeze the encoder. The pooler layer trains only if a head reads it:
+        unread, it would get all-zero gradients from PCGrad's buffers and still decay under
+        weight decay."""
+        self.encoder.requires_grad_(train)
+        if not any(head.reads_pooler for head in self.heads.values()):
+            self.encoder.pooler_dense.requires_grad_(False)

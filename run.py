@@ -1,0 +1,210 @@
+"""The one run path of both scripts: a shared `RunConfig`, and the functions that train
+from a config (seed -> device -> checkpoint folder -> tokenizer and encoder -> model ->
+run folder -> fit -> summary) and rebuild a trained model from its best.pt."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+import torch
+
+from base_bert import default_checkpoint_path, from_pretrained
+from bert import BertModel
+from config import BertConfig
+from datasets import default_data_dir
+from errors import CheckpointError, ConfigError
+from evaluation import Predictions, dev_scores, predict_all
+from heads import POOLINGS, MultitaskBERT
+from runfiles import CHECKPOINT_FILE, holds_run, start_run_dir
+from tasks import SPLITS, Task
+from tokenizer import BertTokenizer
+from trainer import Trainer
+from utils import choose_device, load_checkpoint, seed_everything, use_bf16
+
+# (config, tokenizer, encoder config, splits to read) -> the script's tasks, heads fresh
+MakeTasks = Callable[["RunConfig", BertTokenizer, BertConfig, tuple], list[Task]]
+SAVED_KEYS = ("model", "config", "bert_config")
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class RunConfig:
+    """What every training script shares; each script's config extends it."""
+    option: str = field(default="finetune", metadata=_help(
+        "pretrain: encoder frozen, heads trained; finetune: everything trains",
+        choices=["pretrain", "finetune"]))
+    epochs: int = 3
+    lr: float = field(default=0.0, metadata=_help("0: 1e-3 for pretrain, 1e-5 for finetune"))
+    head_lr: float = field(default=0.0, metadata=_help(
+        "learning rate of the task heads; 0: the same as --lr"))
+    weight_decay: float = 0.0
+    scheduler: str = field(default="constant", metadata=_help(
+        "learning-rate schedule after warmup", choices=["constant", "linear"]))
+    warmup_ratio: float = 0.0
+    hidden_dropout_prob: float = field(default=0.3, metadata=_help(
+        "dropout on the task heads' inputs (linear and Quora bi-encoder heads; the STS cosine "
+        "head has no parameters and no dropout; the encoder keeps its checkpoint's dropout)"))
+    seed: int = 11711
+    use_gpu: bool = field(default=False, metadata=_help("use CUDA when present"))
+    checkpoint: str = field(default="", metadata=_help(
+        "HF-format BERT folder (default: the packaged all-MiniLM-L6-v2)"))
+    data_dir: str = field(default_factory=default_data_dir, metadata=_help(
+        "data folder (env MINBERT_DATA_DIR)"))
+    max_length: int = field(default=128, metadata=_help(
+        "tokens per input, at least 4 and at most the checkpoint's max_position_embeddings"))
+    pooling: str = field(default="mean", metadata=_help(
+        "sentence vector for the linear heads", choices=list(POOLINGS)))
+    bucket: bool = field(default=True, metadata=_help("length-bucketed training batches"))
+    run_dir: str = field(default="", metadata=_help("output folder (default runs/<name>-<time>)"))
+    progress: bool = field(default=True, metadata=_help("tqdm progress bars"))
+    precision: str = field(default="fp32", metadata=_help(
+        "bf16: bfloat16 autocast; auto: bf16 where the hardware computes it natively",
+        choices=["fp32", "bf16", "auto"]))
+
+    def __post_init__(self) -> None:
+        if not self.lr:
+            self.lr = 1e-3 if self.option == "pretrain" else 1e-5
+        self.check_number("lr", self.lr, low=0.0, low_open=True)
+        self.check_number("head_lr", self.head_lr, low=0.0)
+        self.check_number("weight_decay", self.weight_decay, low=0.0)
+        self.check_number("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
+        self.check_number("hidden_dropout_prob", self.hidden_dropout_prob, low=0.0, high=1.0)
+        if self.epochs <= 0:
+            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
+        if self.max_length < 4:
+            raise ConfigError(f"--max_length must be at least 4 ([CLS] a [SEP] b [SEP] "
+                              f"needs them), got {self.max_length}")
+
+    @staticmethod
+    def check_number(name: str, value: float, low: float, high: float = math.inf,
+                     low_open: bool = False) -> None:
+        """A finite value in [low, high) (or (low, high))."""
+        if not (math.isfinite(value) and value >= low and value < high
+                and not (low_open and value == low)):
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g})"
+            raise ConfigError(f"--{name} must be a finite number in {bounds}, got {value}")
+
+    @property
+    def freeze_encoder(self) -> bool:
+        return self.option == "pretrain"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_saved(cls, saved: dict, **changes) -> "RunConfig":
+        """A config as a run saved it; keys of other versions are dropped."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in {**saved, **changes}.items() if k in known})
+
+
+@dataclass
+class Setup:
+    """What every run starts from: the device, the checkpoint folder (resolved once), its
+    tokenizer and the pretrained encoder."""
+    device: torch.device
+    folder: str
+    tokenizer: BertTokenizer
+    encoder: BertModel
+
+
+def setup(cfg: RunConfig) -> Setup:
+    seed_everything(cfg.seed)
+    device = choose_device(cfg.use_gpu)
+    folder = cfg.checkpoint or default_checkpoint_path()
+    encoder = from_pretrained(folder)
+    check_max_length(cfg, encoder.config)
+    return Setup(device, folder, BertTokenizer.from_pretrained(folder, cfg.max_length), encoder)
+
+
+def check_max_length(cfg: RunConfig, bert_config: BertConfig) -> None:
+    """Up front: a long sentence must not stop a run halfway."""
+    if cfg.max_length > bert_config.max_position_embeddings:
+        raise ConfigError(f"--max_length {cfg.max_length} exceeds the checkpoint's "
+                          f"max_position_embeddings ({bert_config.max_position_embeddings})")
+
+
+def build_model(cfg: RunConfig, encoder: BertModel, tasks: list[Task],
+                device: torch.device) -> MultitaskBERT:
+    return MultitaskBERT(encoder, {t.name: t.head for t in tasks},
+                         bf16=use_bf16(cfg.precision, device))
+
+
+def train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str,
+          log: Callable[[str], None] = print) -> tuple[str, dict, list[Task]]:
+    """Train from a config; returns the run folder, the summary and the tasks."""
+    s = setup(cfg)
+    tasks = make_tasks(cfg, s.tokenizer, s.encoder.config, SPLITS)
+    model = build_model(cfg, s.encoder, tasks, s.device)
+    run_dir = cfg.run_dir or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    start_run_dir(run_dir, cfg.as_dict())
+    log(f"{name} on {s.device}{' (bf16 autocast)' if model.bf16 else ''}: checkpoint {s.folder}")
+    for task in tasks:
+        log(f"  {task.name}: {len(task.train)} train, {len(task.dev)} dev, {len(task.test)} "
+            f"test, batch {task.batch_size}")
+    extra = {"script": script, "config": cfg.as_dict(), "bert_config": asdict(s.encoder.config)}
+    summary = Trainer(model, tasks, cfg, s.device, run_dir, extra, log).fit()
+    return run_dir, summary, tasks
+
+
+def load_saved(path: str, script: str) -> dict:
+    """A best.pt of `script`; another script's checkpoint is refused by name."""
+    saved = load_checkpoint(path, SAVED_KEYS)
+    # checkpoints from before the "script" key: only classifier.py saved a "task"
+    found = saved.get("script") or ("classifier" if "task" in saved["config"] else "multitask")
+    if found != script:
+        raise CheckpointError(f"{path}: a {found} checkpoint; this script reads {script} ones "
+                              f"(use {found}.py)" if found in ("classifier", "multitask")
+                              else f"{path}: unknown kind of checkpoint {found!r}")
+    return saved
+
+
+def rebuild(saved: dict, cfg: RunConfig, make_tasks: MakeTasks, splits: tuple,
+            device: torch.device, source: str) -> tuple[MultitaskBERT, list[Task]]:
+    """The model a checkpoint was trained as, its weights loaded strictly, with the tasks
+    of `splits` (no training file is read for evaluation)."""
+    bert_config = BertConfig(**saved["bert_config"])
+    check_max_length(cfg, bert_config)
+    folder = cfg.checkpoint or default_checkpoint_path()
+    tasks = make_tasks(cfg, BertTokenizer.from_pretrained(folder, cfg.max_length), bert_config,
+                       splits)
+    model = build_model(cfg, BertModel(bert_config), tasks, device)
+    try:
+        model.load_state_dict(saved["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{source}: its tensors do not fit the model of its own "
+                              f"config ({str(err).splitlines()[0]})") from None
+    return model.to(device), tasks
+
+
+def evaluation_dir(load: str, run_dir: str) -> str:
+    """Where --eval_only writes: never over a run, never over an earlier evaluation."""
+    if run_dir:
+        if holds_run(run_dir):
+            raise ConfigError(f"--run_dir {run_dir} already holds a run or an evaluation "
+                              f"({', '.join(holds_run(run_dir))}); choose another folder")
+        return run_dir
+    base = os.path.join(os.path.dirname(os.path.abspath(load)), "eval")
+    candidates = [base] + [f"{base}-{n}" for n in range(2, 1000)]
+    return next(path for path in candidates if not holds_run(path))
+
+
+def evaluate_saved(load: str, cfg: RunConfig, make_tasks: MakeTasks, saved: dict,
+                   run_dir: str, device: torch.device) -> tuple[list[Predictions], dict]:
+    """--eval_only: predictions of every evaluated task on dev and test, written to
+    `run_dir`; returns them and the dev scores."""
+    model, tasks = rebuild(saved, cfg, make_tasks, ("dev", "test"), device, load)
+    predictions = predict_all(model, tasks, device, ("dev", "test"))
+    for p in predictions:
+        p.write(run_dir)
+    return predictions, dev_scores(predictions)
+
+
+def best_checkpoint(run_dir: str) -> str:
+    return os.path.join(run_dir, CHECKPOINT_FILE)

@@ -1,0 +1,101 @@
+"""The files of a run folder: their names, atomic writes, JSON and JSON-lines reading.
+Torch-free, so that the results tools (results.py, report.py, plots.py) never load the model."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Callable
+
+from errors import ConfigError, UserError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_FILE = "best.pt"
+PREDICTIONS_DIR = "predictions"
+# What a run writes after its config: any of them means the folder already holds a run.
+RUN_OUTPUTS = (METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE, PREDICTIONS_DIR)
+TEMP_PREFIX = ".tmp-"
+
+# Read once: os.umask can only be read by setting it.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class ResultsError(UserError):
+    """A run folder's file that cannot be read (corrupt, not what a run writes)."""
+
+
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = "w") -> None:
+    """Write through `write(file)` into a temporary file beside `path`, then rename it
+    over `path`: a crash never leaves a half-written result or checkpoint."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for sharing
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def to_json(obj: Any, **kwargs) -> str:
+    return json.dumps(obj, sort_keys=True, **kwargs)
+
+
+def write_json(path: str, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write(to_json(obj, indent=2)))
+
+
+def append_jsonl(path: str, obj: Any) -> None:
+    """Append one line; the previous lines are rewritten with it, atomically (per-epoch
+    records are few: a reader never sees half a line)."""
+    previous = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    atomic_write(path, lambda f: f.write(previous + to_json(obj) + "\n"))
+
+
+def read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ResultsError(f"{path}: not valid JSON ({err})") from None
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Every line a JSON object. Writes are atomic, so a line that does not parse is
+    corruption, never a record half-written: an error naming the file and line."""
+    records = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ResultsError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ResultsError(f"{path}, line {number}: expected a JSON object")
+            records.append(record)
+    return records
+
+
+def holds_run(folder: str) -> list[str]:
+    """The run outputs already in `folder`."""
+    return [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(folder, name))]
+
+
+def start_run_dir(run_dir: str, config: dict) -> None:
+    """Create the run folder and write config.json into it. A folder that already holds a
+    run's results is refused: its metrics would mix two runs and its files be overwritten."""
+    found = holds_run(run_dir)
+    if found:
+        raise ConfigError(f"--run_dir {run_dir} already holds a run ({', '.join(found)}); "
+                          "choose another folder or remove it")
+    os.makedirs(run_dir, exist_ok=True)
+    write_json(os.path.join(run_dir, CONFIG_FILE), config)
