@@ -1,6 +1,7 @@
 import pytest
 
-from config import ConfigError, parse_config
+from cli import parse_config
+from errors import ConfigError
 from multitask_classifier import MultitaskConfig
 
 

@@ -3,15 +3,17 @@ import logging
 import pytest
 import torch
 
-from datasets import (PARAPHRASE, SENTIMENT_5, SIMILARITY, BucketBatchSampler, Collator,
-                      DataError, make_loader, read_pairs, read_sentences, subsample)
+from datasets import (BucketBatchSampler, Collator, DataError, make_loader, read_pairs,
+                      read_sentences, subsample)
+from specs import PARAPHRASE, SENTIMENT_5, SIMILARITY
+from base_bert import default_checkpoint_path
 from helpers import write_tsv
 from tokenizer import BertTokenizer
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return BertTokenizer.from_pretrained(max_length=32)
+    return BertTokenizer.from_pretrained(default_checkpoint_path(), max_length=32)
 
 
 def test_reads_sentences(tmp_path):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from evaluation import accuracy, pearson, read_predictions, write_predictions
-from utils import atomic_write
+from runfiles import atomic_write
 
 
 def test_accuracy_and_pearson():

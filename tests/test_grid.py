@@ -1,44 +1,36 @@
-import argparse
 import json
 import os
+from dataclasses import asdict
 
 import pytest
 
 import grid
 import results
+from errors import ConfigError
 
 
 class FakeTrainer:
-    """Stands in for multitask_classifier.main: records argv and writes a finished run
-    folder from it, with scores that depend on the seed."""
+    """Stands in for multitask_classifier.main: parses argv with the real trainer's parser
+    (an option it does not know fails here as it would there), records it, and writes a
+    finished run folder with the full configuration and scores that depend on the seed."""
 
     def __init__(self):
         self.calls: list[list[str]] = []
 
     def __call__(self, argv: list[str]) -> str:
         self.calls.append(list(argv))
-        parser = argparse.ArgumentParser()
-        for name in ("option", "mode", "aux", "run_dir"):
-            parser.add_argument(f"--{name}", default="")
-        parser.add_argument("--pcgrad", action="store_true")
-        parser.add_argument("--hidden_dropout_prob", type=float)
-        parser.add_argument("--seed", type=int)
-        parser.add_argument("--epochs", type=int)
-        parser.add_argument("--subsample", type=int, default=0)
-        args, _ = parser.parse_known_args(argv)
-        run_dir = args.run_dir
-        os.makedirs(run_dir)
-        config = {k: v for k, v in vars(args).items() if k != "run_dir"}
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(config, f)
-        score = 0.5 + 0.01 * args.seed
-        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
-            for epoch in range(1, args.epochs + 1):
+        cfg = grid.trainer_config(argv)
+        os.makedirs(cfg.run_dir)
+        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f)
+        score = 0.5 + 0.01 * cfg.seed
+        with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "w") as f:
+            for epoch in range(1, cfg.epochs + 1):
                 f.write(json.dumps({"epoch": epoch, "dev": {"sst": score, "quora": score,
                                     "sts": score}, "overall": score, "grad": {}}) + "\n")
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump({"epochs": args.epochs}, f)
-        return run_dir
+        with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
+            json.dump({"epochs": cfg.epochs}, f)
+        return cfg.run_dir
 
 
 def refuse(argv):
@@ -90,7 +82,7 @@ def test_argv_of_every_table1_row(tmp_path):
     trainer = FakeTrainer()
     grid.main(["--runs_dir", runs, "--epochs", "1", "--subsample", "50", "--data_dir", "D",
                "--checkpoint", "C", "--finetune_lr", "5e-5", "--pretrain_lr", "0.001",
-               "--extra=--batch_size 4"], runner=trainer)
+               "--extra=--batch_size_quora 4"], runner=trainer)
     by_slug = {os.path.basename(value(a, "--run_dir")): a for a in trainer.calls}
     assert list(by_slug) == [
         "pretrain-0.3-seed0", "finetune-seq-0.3-seed0", "finetune-mix-0.3-seed0",
@@ -113,7 +105,7 @@ def test_argv_of_every_table1_row(tmp_path):
         assert (value(argv, "--subsample"), value(argv, "--data_dir")) == ("50", "D")
         assert value(argv, "--checkpoint") == "C"
         assert float(value(argv, "--lr")) == (1e-3 if option == "pretrain" else 5e-5)
-        assert argv[-2:] == ["--batch_size", "4"]
+        assert argv[-2:] == ["--batch_size_quora", "4"]
 
 
 def test_seeds_run_outermost_and_defaults_leave_flags_out(tmp_path, monkeypatch):
@@ -134,16 +126,25 @@ def test_seeds_run_outermost_and_defaults_leave_flags_out(tmp_path, monkeypatch)
 def test_finished_run_with_other_settings_is_an_error(tmp_path):
     runs = str(tmp_path / "grid")
     grid.main(["--rows", "pretrain-0.3", "--runs_dir", runs, "--epochs", "1"], runner=FakeTrainer())
-    with pytest.raises(SystemExit, match="epochs"):
-        grid.main(["--rows", "pretrain-0.3", "--runs_dir", runs, "--epochs", "3"], runner=refuse)
-    with pytest.raises(SystemExit, match="subsample"):
-        grid.main(["--rows", "pretrain-0.3", "--runs_dir", runs, "--epochs", "1",
-                   "--subsample", "100"], runner=refuse)
+    base = ["--rows", "pretrain-0.3", "--runs_dir", runs, "--epochs", "1"]
+    with pytest.raises(ConfigError, match="epochs: 1 there, 3 now"):
+        grid.main(base + ["--epochs", "3"], runner=refuse)
+    with pytest.raises(ConfigError, match="subsample"):
+        grid.main(base + ["--subsample", "100"], runner=refuse)
+    # Not only the row, seed and budget: every setting of the run counts.
+    for extra, what in ((["--pretrain_lr", "0.01"], "lr: 0.001 there, 0.01 now"),
+                        (["--extra=--head_lr 0.5"], "head_lr"),
+                        (["--extra=--weight_sts 2"], "weight_sts"),
+                        (["--data_dir", "elsewhere"], "data_dir"),
+                        (["--checkpoint", "other"], "checkpoint: '' there, 'other' now")):
+        with pytest.raises(ConfigError, match=what):
+            grid.main(base + extra, runner=refuse)
+    grid.main(base + ["--extra=--no-progress"], runner=refuse)  # harmless: reused
 
 
 def test_unknown_row_lists_the_known_ones():
     rows = grid.table1_rows("aux.csv")
-    with pytest.raises(SystemExit, match="finetune-mix-pcgrad-0.3"):
+    with pytest.raises(ConfigError, match="finetune-mix-pcgrad-0.3"):
         grid.select_rows(rows, "finetune-mix-0.7")
     assert [results.config_slug(r) for r in grid.select_rows(rows, "all")][:2] == [
         "pretrain-0.3", "finetune-seq-0.3"]

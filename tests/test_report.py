@@ -7,6 +7,8 @@ import pytest
 import plots
 import report
 import results
+import runfiles
+from cli import run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MIX = {"option": "finetune", "mode": "mix", "pcgrad": False, "aux": "",
@@ -118,17 +120,42 @@ def test_plots_are_pngs_and_missing_ones_are_skipped(runs, tmp_path, capsys):
     assert "skipping aux.png" in capsys.readouterr().out
 
 
-def test_conflicts_skipped_without_grad_and_partial_line_tolerated(tmp_path, capsys):
+def test_conflicts_skipped_without_grad(tmp_path, capsys):
     root = str(tmp_path)
-    path = write_run(root, "mix-s0", MIX, 0, [(0.4, 0.8, 0.8, 0.66)], complete=False)
-    with open(os.path.join(path, "metrics.jsonl"), "a") as f:
-        f.write('{"epoch": 2, "dev": {"sst"')  # a trainer halfway through writing
+    write_run(root, "mix-s0", MIX, 0, [(0.4, 0.8, 0.8, 0.66)], complete=False)
     report.main([root])
     printed = capsys.readouterr().out
     assert "skipping conflicts.png" in printed and "skipping pcgrad.png" in printed
     assert "skipping grad_norms.png" in printed
     assert "| finetune-mix (0.3) (incomplete) | 0.400 |" in printed
     assert os.path.isfile(os.path.join(root, "report", "methods.png"))
+
+
+def test_a_corrupt_metrics_line_is_an_error_naming_file_and_line(tmp_path, capsys, monkeypatch):
+    """Writes are atomic, so a line that does not parse is corruption, never skipped."""
+    root = str(tmp_path)
+    path = write_run(root, "mix-s0", MIX, 0, [(0.4, 0.8, 0.8, 0.66)], complete=False)
+    with open(os.path.join(path, "metrics.jsonl"), "a") as f:
+        f.write('{"epoch": 2, "dev": {"sst"\n')
+    with pytest.raises(runfiles.ResultsError, match=r"mix-s0/metrics.jsonl, line 2: not valid JSON"):
+        report.main([root])
+    monkeypatch.setattr("sys.argv", ["report.py", root])
+    assert run_cli(report.main) == 2
+    assert "metrics.jsonl, line 2" in capsys.readouterr().err
+
+
+def test_a_task_subset_is_never_the_mix_baseline_and_order_does_not_matter(tmp_path):
+    root = str(tmp_path)
+    write_run(root, "quora-only", dict(MIX, tasks="quora"), 0, [(0.4, 0.8, 0.8, 0.66)])
+    write_run(root, "pcg", PCGRAD, 0, [(0.4, 0.8, 0.8, 0.66)])
+    groups = results.group_runs(results.find_runs(root))
+    assert plots.paired_groups(groups, pcgrad=True, aux=False) == {}
+    write_run(root, "reordered", dict(MIX, tasks="sts,quora,sst"), 0, [(0.4, 0.8, 0.8, 0.66)])
+    groups = results.group_runs(results.find_runs(root))
+    assert list(plots.paired_groups(groups, pcgrad=True, aux=False)) == [
+        "finetune-mix (0.3)", "finetune-mix + PCGrad (0.3)"]
+    assert results.config_name(dict(MIX, tasks="sts,quora")) == \
+        results.config_name(dict(MIX, tasks="quora,sts")) == "finetune-mix + quora+sts only (0.3)"
 
 
 def test_paired_groups_need_same_dropout(runs, tmp_path):

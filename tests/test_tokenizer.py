@@ -1,11 +1,12 @@
 import pytest
 
+from base_bert import default_checkpoint_path
 from tokenizer import BertTokenizer
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return BertTokenizer.from_pretrained(max_length=16)
+    return BertTokenizer.from_pretrained(default_checkpoint_path(), max_length=16)
 
 
 def test_hello_world(tok):
@@ -53,4 +54,4 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(FileNotFoundError, match="vocab"):
         BertTokenizer(str(tmp_path / "vocab.txt"))
     with pytest.raises(ValueError, match="second"):
-        BertTokenizer.from_pretrained().encode(["a", "b"], ["c"])
+        BertTokenizer.from_pretrained(default_checkpoint_path()).encode(["a", "b"], ["c"])

@@ -14,6 +14,7 @@ def run_args(tiny_checkpoint, tiny_data, run_dir, *extra):
     return ["--checkpoint", tiny_checkpoint, "--data_dir", tiny_data, "--run_dir", str(run_dir),
             "--epochs", "4", "--lr", "3e-3", "--batch_size_sst", "4", "--batch_size_quora", "4",
             "--batch_size_sts", "4", "--batch_size_aux", "4", "--no-progress", "--seed", "1",
+            "--max_length", "64",
             *extra]
 
 
@@ -94,7 +95,7 @@ def test_classifier_trains_and_predicts(tiny_checkpoint, tiny_data, tmp_path, ta
     summary = classifier.main(["--task", task, "--option", "finetune", "--checkpoint",
                                tiny_checkpoint, "--data_dir", tiny_data, "--run_dir", str(run_dir),
                                "--epochs", "4", "--lr", "3e-3", "--batch_size", "4",
-                               "--no-progress"])
+                               "--no-progress", "--max_length", "64"])
     records = epochs(run_dir)
     assert records[-1]["train_loss"][task] < records[0]["train_loss"][task]
     assert summary["best"][task] == max(r["dev"][task] for r in records)
@@ -104,7 +105,7 @@ def test_classifier_trains_and_predicts(tiny_checkpoint, tiny_data, tmp_path, ta
 
 def test_cli_errors_name_the_problem(tiny_checkpoint, tiny_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["mtc", "--data_dir", str(tmp_path / "none"),
-                                     "--checkpoint", tiny_checkpoint])
+                                     "--checkpoint", tiny_checkpoint, "--max_length", "64"])
     assert mtc.cli() == 2
     assert "ids-sst-train.csv: file not found" in capsys.readouterr().err
     monkeypatch.setattr("sys.argv", ["mtc", "--mode", "seq", "--pcgrad"])
@@ -121,9 +122,10 @@ def test_cli_errors_name_the_problem(tiny_checkpoint, tiny_data, tmp_path, monke
 
 def test_bf16_forward_is_fp32_out_and_close(tiny_checkpoint, tiny_data):
     from base_bert import from_pretrained
-    from tasks import SPECS, build_task
+    from heads import MultitaskBERT
+    from specs import SPECS
+    from tasks import build_task
     from tokenizer import BertTokenizer
-    from trainer import MultitaskBERT
     encoder = from_pretrained(tiny_checkpoint).eval()
     task = build_task(SPECS["sts"], tiny_data, BertTokenizer.from_pretrained(tiny_checkpoint),
                       encoder.config, 4, 0.0, encoding="bi")
@@ -153,11 +155,11 @@ def test_pooler_trains_only_when_a_head_reads_it(tiny_checkpoint, tiny_data, tmp
 
 
 def test_heads_get_their_own_learning_rate_on_the_shared_schedule():
-    from trainer import TrainSettings, make_optimizer
+    from trainer import make_optimizer
     encoder, head = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
-    settings = TrainSettings(epochs=1, lr=1e-5, head_lr=1e-3, warmup_ratio=0.5)
+    settings = mtc.MultitaskConfig(epochs=1, lr=1e-5, head_lr=1e-3, warmup_ratio=0.5)
     optimizer, scheduler = make_optimizer(encoder.parameters(), head.parameters(), settings, 10)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2e-6, 2e-4])  # warmup 1/5
     same, _ = make_optimizer(encoder.parameters(), head.parameters(),
-                             TrainSettings(epochs=1, lr=1e-5), 10)
+                             mtc.MultitaskConfig(epochs=1, lr=1e-5), 10)
     assert [g["lr"] for g in same.param_groups] == [1e-5, 1e-5]
