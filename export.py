@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import sys
 import tempfile
@@ -21,19 +20,22 @@ from typing import Any, Callable
 
 import torch
 
-from base_bert import (CheckpointError, default_checkpoint_path, load_pretrained, to_hf_config,
+from base_bert import (default_checkpoint_path, load_pretrained, to_hf_config,
                        to_hf_state_dict)
 from bert import BertModel
-from config import BertConfig, ConfigError, parse_config
-from tasks import KINDS, SPECS, TaskSpec, aux_spec
-from tokenizer import _lowercase
-from utils import _UMASK, load_checkpoint, run_cli
+from cli import parse_config, run_cli
+from config import BertConfig
+from errors import CheckpointError, ConfigError
+from heads import head_kind
+from run import SAVED_KEYS
+from runfiles import file_mode
+from specs import AUX, SPECS, TaskSpec
+from tokenizer import lowercase_of
+from utils import load_checkpoint
 
 HEADS_FORMAT = "minbert-mtl heads v1"
 SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
                   "cls_token": "[CLS]", "mask_token": "[MASK]"}
-# What a best.pt holds besides the model (trainer.Trainer.save, with the script's extras).
-CHECKPOINT_KEYS = ("model", "config", "bert_config")
 LABELS = {
     "sst": ["negative", "somewhat negative", "neutral", "somewhat positive", "positive"],
     "cfimdb": ["negative", "positive"],
@@ -73,21 +75,8 @@ class ExportConfig:
 
 def read_run(path: str) -> dict:
     """A best.pt, checked to be a training checkpoint; anything else raises CheckpointError
-    (or FileNotFoundError) naming the file."""
-    try:
-        saved = load_checkpoint(path)
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # torch.load raises many types: OSError, RuntimeError, KeyError...
-        if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
-            reason = "it holds objects that torch.load(weights_only=True) refuses"
-        else:
-            detail = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:100]
-            reason = f"truncated, or not written by torch.save: {type(err).__name__} {detail}"
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({reason.strip()})") from None
-    if not isinstance(saved, dict) or any(k not in saved for k in CHECKPOINT_KEYS):
-        raise CheckpointError(f"{path}: not a training checkpoint (expected a dict with "
-                              f"{', '.join(CHECKPOINT_KEYS)})")
+    naming the file."""
+    saved = load_checkpoint(path, SAVED_KEYS)
     if not isinstance(saved["model"], dict) or not all(
             isinstance(v, torch.Tensor) for v in saved["model"].values()):
         raise CheckpointError(f"{path}: its 'model' is not a state dict")
@@ -119,12 +108,10 @@ def plan_heads(run_config: dict, source: str) -> list[HeadPlan]:
         if name not in SPECS:
             raise CheckpointError(f"{source}: unknown task {name!r} in its config")
         spec = SPECS[name]
-        kind = "linear"
-        if spec.pair and encodings.get(name, "cross") == "bi":
-            kind = "bi_cosine" if spec.kind == "regression" else "bi_features"
+        kind = head_kind(spec, encodings.get(name, "cross"))
         plans.append(HeadPlan(name, spec, kind, "mean" if kind != "linear" else pooling))
     if run_config.get("aux"):
-        plans.append(HeadPlan("aux", aux_spec(), "linear", pooling))
+        plans.append(HeadPlan("aux", AUX, head_kind(AUX, "cross"), pooling))
     return plans
 
 
@@ -187,7 +174,7 @@ def describe_head(plan: HeadPlan, params: dict[str, torch.Tensor], dev: dict) ->
     else:
         entry["output"] = "one similarity score (squeezed) on the 0-5 scale of the STS labels"
         entry["prediction"] = "output clamped to [0, 5]"
-    entry["metric"] = KINDS[spec.kind][2] if spec.evaluated else None
+    entry["metric"] = spec.metric if spec.evaluated else None
     entry["dev"] = dev.get(task) if spec.evaluated else None
     return entry
 
@@ -243,9 +230,9 @@ def write_folder(out: str, force: bool, fill: Callable[[str], None]) -> None:
         fill(tmp)
         # mkdtemp makes 0700 and safetensors 0600 files: exports are for sharing.
         for folder, _, files in os.walk(tmp):
-            os.chmod(folder, 0o777 & ~_UMASK)
+            os.chmod(folder, file_mode(0o777))
             for name in files:
-                os.chmod(os.path.join(folder, name), 0o666 & ~_UMASK)
+                os.chmod(os.path.join(folder, name), file_mode())
         if os.path.isdir(out):
             os.rename(out, old)
         try:
@@ -284,7 +271,7 @@ def export(cfg: ExportConfig) -> str:
     source = cfg.checkpoint or run_config.get("checkpoint") or default_checkpoint_path()
     vocab = os.path.join(source, "vocab.txt")
     if not os.path.isfile(vocab):
-        raise FileNotFoundError(f"{vocab}: vocabulary file not found (pass --checkpoint with "
+        raise CheckpointError(f"{vocab}: vocabulary file not found (pass --checkpoint with "
                                 "the folder the run was trained from)")
     with open(vocab, encoding="utf-8") as f:
         vocab_size = sum(1 for _ in f)
@@ -311,7 +298,7 @@ def export(cfg: ExportConfig) -> str:
         save_file(to_hf_state_dict(encoder), os.path.join(folder, "model.safetensors"),
                   metadata={"format": "pt"})
         shutil.copyfile(vocab, os.path.join(folder, "vocab.txt"))
-        for name, obj in tokenizer_files(_lowercase(source), max_length).items():
+        for name, obj in tokenizer_files(lowercase_of(source), max_length).items():
             write_json(os.path.join(folder, name), obj)
         save_file(heads_tensors, os.path.join(folder, "heads.safetensors"),
                   metadata={"format": "pt"})

@@ -75,13 +75,22 @@ class BiEncoderHead(TaskHead):
         return self.linear(self.dropout(features)).squeeze(-1)
 
 
+def head_kind(spec: TaskSpec, encoding: str) -> str:
+    """linear, bi_cosine or bi_features: the one rule of which head a task gets
+    (`encoding` matters for pair tasks only)."""
+    if spec.pair and encoding == "bi":
+        return "bi_cosine" if spec.kind == "regression" else "bi_features"
+    return "linear"
+
+
 def make_head(spec: TaskSpec, hidden: int, dropout: float, pooling: str, encoding: str,
               std: float) -> TaskHead:
-    """A freshly initialised head; `encoding` matters for pair tasks only."""
-    if spec.pair and encoding == "bi":
-        head = BiEncoderHead(hidden, dropout, "cosine" if spec.kind == "regression" else "features")
-    else:
+    """A freshly initialised head."""
+    kind = head_kind(spec, encoding)
+    if kind == "linear":
         head = LinearHead(hidden, spec.num_outputs, dropout, pooling)
+    else:
+        head = BiEncoderHead(hidden, dropout, kind.removeprefix("bi_"))
     head.apply(lambda m: init_module(m, std))
     return head
 

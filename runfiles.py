@@ -23,6 +23,11 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def file_mode(mode: int = 0o666) -> int:
+    """Permissions a shared result gets under the user's umask."""
+    return mode & ~_UMASK
+
+
 class ResultsError(UserError):
     """A run folder's file that cannot be read (corrupt, not what a run writes)."""
 
@@ -38,7 +43,7 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "w") -> No
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for sharing
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; results are for sharing
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -10,6 +10,8 @@ from typing import Sequence
 import torch
 from tokenizers import BertWordPieceTokenizer
 
+from errors import CheckpointError
+
 DEFAULT_MAX_LENGTH = 128
 
 
@@ -28,7 +30,7 @@ class Encoded:
                 "attention_mask": self.attention_mask}
 
 
-def _lowercase(folder: str) -> bool:
+def lowercase_of(folder: str) -> bool:
     """A checkpoint's tokenizer_config.json may say do_lower_case; uncased is the default."""
     path = os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(path):
@@ -44,7 +46,7 @@ class BertTokenizer:
     def __init__(self, vocab_path: str, lowercase: bool = True,
                  max_length: int = DEFAULT_MAX_LENGTH):
         if not os.path.isfile(vocab_path):
-            raise FileNotFoundError(f"{vocab_path}: vocabulary file not found")
+            raise CheckpointError(f"{vocab_path}: vocabulary file not found")
         if max_length < 4:
             raise ValueError(f"max_length must be at least 4, got {max_length}")
         self.max_length = max_length
@@ -58,7 +60,7 @@ class BertTokenizer:
                         max_length: int = DEFAULT_MAX_LENGTH) -> "BertTokenizer":
         """The tokenizer of a checkpoint folder (callers resolve the folder: the data
         layer never reaches into the model loader)."""
-        return cls(os.path.join(folder, "vocab.txt"), _lowercase(folder), max_length)
+        return cls(os.path.join(folder, "vocab.txt"), lowercase_of(folder), max_length)
 
     def encode(self, texts: Sequence[str],
                pairs: Sequence[str] | None = None) -> Encoded:

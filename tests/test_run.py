@@ -91,3 +91,10 @@ def test_max_length_above_the_checkpoint_is_refused_up_front(tiny_checkpoint, ti
         mtc.main(["--checkpoint", tiny_checkpoint, "--data_dir", tiny_data,
                   "--run_dir", str(tmp_path / "r")])
     assert not os.path.exists(tmp_path / "r")
+
+
+def test_the_results_tools_never_load_the_model():
+    import subprocess
+    import sys
+    code = "import sys, grid, report, results, plots; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=run.__file__.rsplit("/", 1)[0]).returncode == 0

@@ -1,6 +1,7 @@
 import pytest
 
 from base_bert import default_checkpoint_path
+from errors import CheckpointError
 from tokenizer import BertTokenizer
 
 
@@ -51,7 +52,7 @@ def test_lengths(tok):
 
 
 def test_bad_arguments(tmp_path):
-    with pytest.raises(FileNotFoundError, match="vocab"):
+    with pytest.raises(CheckpointError, match="vocab"):
         BertTokenizer(str(tmp_path / "vocab.txt"))
     with pytest.raises(ValueError, match="second"):
         BertTokenizer.from_pretrained(default_checkpoint_path()).encode(["a", "b"], ["c"])
