@@ -278,3 +278,57 @@ def test_balanced_weights_run_the_aggregator_on_scaled_gradients():
     torch.testing.assert_close(w @ g, expected)
     w = balanced_weights(gram(g), losses, make_aggregator("sum", 3), make_balancer("none", 3))
     assert torch.equal(w, torch.ones(3, dtype=f64))
+
+
+def conflicting_grams():
+    """Full-rank Grams (quadprog needs G > 0 when reg_eps = 0) with conflicts in most."""
+    return [(k, gram(rand_grads(k, k + 1, seed))) for k in (2, 3, 5) for seed in range(4)]
+
+
+def test_against_torchjd_weightings():
+    tjd = pytest.importorskip("torchjd.aggregation")
+    pytest.importorskip("quadprog")
+    from torchjd.linalg import QuadprogProjector
+    exact = QuadprogProjector(reg_eps=0.0)
+    moved = 0
+    for k, g in conflicting_grams():
+        ours = {n: make_aggregator(n, k).weights(g, None) for n in NAMES}
+        moved += not torch.allclose(ours["upgrad"], torch.full((k,), 1 / k, dtype=f64))
+        checks = [
+            (ours["upgrad"], tjd.UPGradWeighting(projector=exact)(g)),
+            (make_aggregator("upgrad", k, reg_eps=1e-4).weights(g, None), tjd.UPGradWeighting()(g)),
+            (ours["dualproj"], tjd.DualProjWeighting(projector=exact)(g)),
+            (ours["imtl_g"], tjd.IMTLGWeighting()(g)),
+            (ours["aligned_mtl"] / k, tjd.AlignedMTLWeighting()(g)),  # theirs: mean, not sum
+        ]
+        if k == 2:  # Frank-Wolfe is exact in one step for two tasks; PCGrad's order irrelevant
+            checks += [(ours["mgda"], tjd.MGDAWeighting()(g)),
+                       (ours["pcgrad"], tjd.PCGradWeighting()(g))]
+        for mine, theirs in checks:
+            torch.testing.assert_close(mine, theirs, atol=1e-9, rtol=1e-9)
+        fw = tjd.MGDAWeighting(epsilon=1e-12, max_iters=200)(g)  # sublinear: compare norms
+        assert ours["mgda"] @ g @ ours["mgda"] <= fw @ g @ fw + 1e-12
+    assert moved >= 4  # the projections did something
+
+
+def test_against_torchjd_cvxpy_weightings():
+    tjd = pytest.importorskip("torchjd.aggregation")
+    pytest.importorskip("cvxpy")
+    for k, g in conflicting_grams():
+        mine = make_aggregator("cagrad", k, rescale=False).weights(g, None)
+        theirs = tjd.CAGradWeighting(c=0.4)(g)  # CLARABEL to its tolerance: ours is lower
+        assert cagrad_objective(g, mine) <= cagrad_objective(g, theirs) + 1e-12
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+        j = torch.linalg.cholesky(g)  # any J with J J^T = G
+        nash = tjd.NashMTL(n_tasks=k, max_norm=0.0, optim_niter=200)
+        mine = make_aggregator("nash_mtl", k).weights(g, None)
+        torch.testing.assert_close(mine, nash.weighting(j), atol=0, rtol=1e-6)
+
+
+def cagrad_objective(g, weights):
+    """a . w + r ||g_w|| (trace-1 units) at the w behind CAGrad weights 1/K + r w / ||g_w||."""
+    k = len(weights)
+    unit, mean = g / g.trace(), torch.full((k,), 1 / k, dtype=f64)
+    z = weights - mean
+    w = z / z.sum()
+    return (unit @ mean @ w + 0.4 * (mean @ unit @ mean).sqrt() * (w @ unit @ w).sqrt()).item()
