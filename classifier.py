@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import run
-from cli import parse_config, run_cli
+from cli import explicit_options, parse_config, run_cli
 from errors import ConfigError
 from specs import CLASSIFIER_TASKS, SPECS
 from tasks import Task, build_task
@@ -28,8 +28,8 @@ class ClassifierConfig(run.RunConfig):
     batch_size: int = 8
     # One task: every step is a plain step, with nothing to combine or compare.
     mode: ClassVar[str] = "mix"
-    pcgrad: ClassVar[bool] = False
-    pcgrad_reduction: ClassVar[str] = "sum"
+    aggregator: ClassVar[str] = "sum"
+    balance: ClassVar[str] = "none"
     grad_diagnostics: ClassVar[bool] = False
     seq_order: ClassVar[str] = ""
 
@@ -37,6 +37,9 @@ class ClassifierConfig(run.RunConfig):
         super().__post_init__()
         if self.batch_size <= 0:
             raise ConfigError(f"--batch_size must be positive, got {self.batch_size}")
+
+    def aggregator_options(self) -> dict:
+        return {}
 
     def run_name(self) -> str:
         return f"{self.option}-{self.task}"
@@ -55,7 +58,10 @@ def train(cfg: ClassifierConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return train(parse_config(ClassifierConfig, argv, description=__doc__))
+    cfg = parse_config(ClassifierConfig, argv, description=__doc__)
+    if cfg.resume:
+        cfg = run.resume_config(ClassifierConfig, explicit_options(ClassifierConfig, argv))
+    return train(cfg)
 
 
 def cli() -> int:

@@ -10,7 +10,7 @@ import sys
 from dataclasses import fields
 from typing import Any, Callable, Sequence, Type, TypeVar, get_args, get_origin
 
-from errors import UserError
+from errors import Interrupted, UserError
 
 T = TypeVar("T")
 
@@ -72,4 +72,7 @@ def run_cli(main: Callable[[], Any]) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(str(stop), file=sys.stderr)
+        return stop.exit_code
     return 0

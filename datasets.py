@@ -211,6 +211,72 @@ def make_loader(examples: Sequence[Example], collate: Collator, batch_size: int,
                       generator=generator)
 
 
+class ShuffledBatches:
+    """Plain shuffled batches, a fresh order each pass from (seed, pass): like the bucketed
+    sampler, its order is a function of the pass number, so a resumed run can rebuild it."""
+
+    def __init__(self, size: int, batch_size: int, seed: int = 0):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(range(self.size))
+        random.Random(self.seed + self.epoch).shuffle(order)
+        self.epoch += 1
+        return iter([order[i:i + self.batch_size] for i in range(0, self.size, self.batch_size)])
+
+
+class TrainStream:
+    """One task's training batches, pass after pass, with a position a checkpoint can save:
+    the sampler's pass number and the batches taken in that pass. Skipping on resume
+    draws indices only; nothing is tokenized twice."""
+
+    def __init__(self, examples: Sequence[Example], collate: Collator, batch_size: int,
+                 bucket: bool = True, seed: int = 0):
+        self.examples, self.collate = list(examples), collate
+        self.sampler = (BucketBatchSampler(collate.lengths(self.examples), batch_size, seed)
+                        if bucket else ShuffledBatches(len(self.examples), batch_size, seed))
+        self.taken = 0
+        self._batches: Iterator[list[int]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def new_pass(self) -> None:
+        # torch's DataLoader, which fed training before, drew a base seed from the global
+        # generator at every pass; drawing it still keeps earlier runs' numbers repeatable.
+        torch.empty((), dtype=torch.int64).random_()
+        self._batches, self.taken = iter(self.sampler), 0
+
+    def next_indices(self) -> list[int]:
+        """The next batch's indices; a new pass starts when the current one is exhausted."""
+        if self._batches is None:
+            self.new_pass()
+        indices = next(self._batches, None)
+        if indices is None:
+            self.new_pass()
+            indices = next(self._batches)
+        self.taken += 1
+        return indices
+
+    def next(self) -> Batch:
+        return self.collate([self.examples[i] for i in self.next_indices()])
+
+    def state_dict(self) -> dict:
+        started = self._batches is not None
+        return {"pass": self.sampler.epoch - started, "taken": self.taken, "started": started}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.epoch, self._batches, self.taken = state["pass"], None, 0
+        if state["started"]:
+            self.new_pass()
+            for _ in range(state["taken"]):
+                self.next_indices()
+
+
 def subsample(examples: list[Example], limit: int, seed: int) -> list[Example]:
     """A fixed random subset of at most `limit` examples (0 = all)."""
     if not limit or limit >= len(examples):

@@ -16,3 +16,11 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint folder, weight file or saved run that does not fit."""
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGINT/SIGTERM after saving its state; exits 128 + the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

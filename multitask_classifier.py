@@ -16,6 +16,8 @@ from errors import ConfigError
 from datasets import subsample
 from evaluation import format_results
 from heads import ENCODINGS
+from aggregators import AGGREGATORS
+from balancing import BALANCERS
 from specs import AUX, SPECS, TASK_NAMES, canonical_tasks
 from tasks import Task, build_task
 from utils import choose_device
@@ -37,9 +39,16 @@ class MultitaskConfig(run.RunConfig):
     mode: str = field(default="mix", metadata=_help(
         "seq: a full pass per task in turn; mix: each step one batch of every task",
         choices=["seq", "mix"]))
-    pcgrad: bool = field(default=False, metadata=_help("PCGrad gradient surgery (mix mode)"))
+    aggregator: str = field(default="sum", metadata=_help(
+        "how the tasks' encoder gradients combine each mix step (aggregators.py)",
+        choices=list(AGGREGATORS)))
+    pcgrad: bool = field(default=False, metadata=_help("PCGrad gradient surgery: --aggregator pcgrad"))
     pcgrad_reduction: str = field(default="sum", metadata=_help(
         "combine projected gradients by sum (the paper) or mean", choices=["sum", "mean"]))
+    cagrad_c: float = field(default=0.4, metadata=_help("CAGrad's c (the radius of its ball)"))
+    balance: str = field(default="none", metadata=_help(
+        "loss balancing before the aggregator (balancing.py); grad_norm equalises the tasks' "
+        "encoder gradient norms", choices=list(BALANCERS)))
     aux: str = field(default="", metadata=_help("auxiliary 5-class sentiment file (e.g. Yelp)"))
     tasks: str = field(default=",".join(TASK_NAMES), metadata=_help(
         "the evaluated tasks to train (comma-separated, any order), e.g. quora alone for a "
@@ -68,8 +77,14 @@ class MultitaskConfig(run.RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.pcgrad and self.aggregator not in ("sum", "pcgrad"):
+            raise ConfigError(f"--pcgrad is --aggregator pcgrad; it contradicts --aggregator {self.aggregator}")
+        if self.pcgrad or self.aggregator == "pcgrad":
+            self.pcgrad, self.aggregator = True, "pcgrad"
         if self.pcgrad and self.mode != "mix":
             raise ConfigError("--pcgrad needs --mode mix (one batch of every task per step)")
+        if (self.aggregator != "sum" or self.balance != "none") and self.mode != "mix":
+            raise ConfigError("--aggregator and --balance need --mode mix (one batch of every task per step)")
         if self.eval_only and not self.load:
             raise ConfigError("--eval_only needs --load CHECKPOINT")
         chosen = self.tasks.split(",")
@@ -103,9 +118,14 @@ class MultitaskConfig(run.RunConfig):
     def encoding(self, task: str) -> str:
         return getattr(self, f"{task}_encoding", "cross")
 
+    def aggregator_options(self) -> dict:
+        return {"pcgrad": {"reduction": self.pcgrad_reduction},
+                "cagrad": {"c": self.cagrad_c}}.get(self.aggregator, {})
+
     def run_name(self) -> str:
         name = "pretrain" if self.option == "pretrain" else f"finetune-{self.mode}"
-        name += "-pcgrad" if self.pcgrad else ""
+        name += "" if self.aggregator == "sum" else f"-{self.aggregator}"
+        name += "" if self.balance == "none" else f"-{self.balance}"
         name += "-aux" if self.aux else ""
         name += "" if self.task_names == TASK_NAMES else "-" + "-".join(self.task_names)
         return f"{name}-{self.hidden_dropout_prob:g}"
@@ -157,6 +177,8 @@ def main(argv: list[str] | None = None) -> str:
     cfg = parse_config(MultitaskConfig, argv, description=__doc__)
     if cfg.eval_only:
         return evaluate_checkpoint(cfg, explicit_options(MultitaskConfig, argv))
+    if cfg.resume:
+        cfg = run.resume_config(MultitaskConfig, explicit_options(MultitaskConfig, argv))
     return train(cfg)
 
 

@@ -13,7 +13,7 @@ Gram matrix, once for the final weighted sum.
 from __future__ import annotations
 
 import random
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -69,17 +69,25 @@ def gradient_cosines(gram: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, gram / denom.clamp(min=1e-30), torch.zeros_like(gram))
 
 
+Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (gram, losses) -> w (K,)
+
+
 class PCGrad:
     """Per-task backward passes into preallocated flat buffers, then PCGrad (or, with
-    project=False, the plain sum) written back as the shared parameters' gradients.
+    project=False, the plain sum; or any Gram-space `combine`, see aggregators.py) written
+    back as the shared parameters' gradients.
 
     Only `shared_params` (the encoder) take part: each head belongs to one task, gets its
     task's gradient unchanged through ordinary accumulation, and stays out of the
-    projection. Use with any torch optimizer: pc_backward(losses), then optimizer.step().
+    combination. Use with any torch optimizer: pc_backward(losses), then optimizer.step().
+    `reduce` (e.g. a data-parallel all-reduce) runs on the (K, P) buffer before the Gram
+    matrix, so every process combines the same gradients.
     """
 
     def __init__(self, shared_params: Iterable[torch.nn.Parameter], num_tasks: int,
-                 project: bool = True, reduction: str = "sum", seed: int = 0):
+                 project: bool = True, reduction: str = "sum", seed: int = 0,
+                 combine: Combine | None = None,
+                 reduce: Callable[[torch.Tensor], None] | None = None):
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.params = [p for p in shared_params if p.requires_grad]
@@ -87,6 +95,8 @@ class PCGrad:
         self.project = project
         self.reduction = reduction
         self.rng = random.Random(seed)
+        self.combine = combine or (lambda gram, _: combine_weights(gram, self.rng, project, reduction))
+        self.reduce = reduce
         size = sum(p.numel() for p in self.params)
         device = self.params[0].device if self.params else torch.device("cpu")
         # Allocated once: a fresh (K, P) buffer every step costs tens of ms for MiniLM.
@@ -94,6 +104,7 @@ class PCGrad:
         self.update = torch.zeros(size, device=device)  # (P,)
         self.task_views = [self._views(self.grads[k]) for k in range(num_tasks)]
         self.update_views = self._views(self.update)
+        self.last_weights: torch.Tensor | None = None
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         views, offset = [], 0
@@ -113,8 +124,12 @@ class PCGrad:
             for p, view in zip(self.params, views):
                 p.grad = view  # autograd accumulates in place: the gradient lands in the row
             loss.backward(retain_graph=shared_graph and k < len(losses) - 1)
+        if self.reduce is not None:
+            self.reduce(self.grads)
         gram = gram_matrix(self.grads)  # (K, K)
-        weights = combine_weights(gram.double().cpu(), self.rng, self.project, self.reduction)
+        values = torch.tensor([loss.item() for loss in losses], dtype=torch.float64)
+        weights = self.combine(gram.double().cpu(), values)
+        self.last_weights = weights
         torch.mv(self.grads.T, weights.to(self.grads), out=self.update)
         for p, view in zip(self.params, self.update_views):
             p.grad = view

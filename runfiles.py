@@ -3,6 +3,7 @@ Torch-free, so that the results tools (results.py, report.py, plots.py) never lo
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from typing import Any, Callable
@@ -13,9 +14,11 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "best.pt"
+LAST_FILE = "last.pt"  # the state to resume from; removed once the run is complete
 PREDICTIONS_DIR = "predictions"
+DIVERGED_FILE = "diverged.json"
 # What a run writes after its config: any of them means the folder already holds a run.
-RUN_OUTPUTS = (METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE, PREDICTIONS_DIR)
+RUN_OUTPUTS = (METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE, LAST_FILE, PREDICTIONS_DIR)
 TEMP_PREFIX = ".tmp-"
 
 # Read once: os.umask can only be read by setting it.
@@ -37,6 +40,7 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "w") -> No
     over `path`: a crash never leaves a half-written result or checkpoint."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    remove_stale_temps(folder, os.path.basename(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
@@ -51,8 +55,30 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "w") -> No
         raise
 
 
+def remove_stale_temps(folder: str, name: str) -> None:
+    """A process killed mid-write (kill -9) leaves its temporary file: the next write of
+    the same file removes it, so no debris outlives a save."""
+    for entry in os.listdir(folder):
+        if entry.startswith(TEMP_PREFIX) and entry.endswith(name):
+            try:
+                os.unlink(os.path.join(folder, entry))
+            except FileNotFoundError:
+                pass
+
+
+def finite(obj: Any) -> Any:
+    """Non-finite floats become null: strict JSON has no NaN or Infinity."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def to_json(obj: Any, **kwargs) -> str:
-    return json.dumps(obj, sort_keys=True, **kwargs)
+    return json.dumps(finite(obj), sort_keys=True, allow_nan=False, **kwargs)
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -99,6 +125,9 @@ def start_run_dir(run_dir: str, config: dict) -> None:
     """Create the run folder and write config.json into it. A folder that already holds a
     run's results is refused: its metrics would mix two runs and its files be overwritten."""
     found = holds_run(run_dir)
+    if LAST_FILE in found and SUMMARY_FILE not in found:
+        raise ConfigError(f"--run_dir {run_dir} holds an interrupted run; continue it with "
+                          f"--resume {run_dir}, or choose another folder")
     if found:
         raise ConfigError(f"--run_dir {run_dir} already holds a run ({', '.join(found)}); "
                           "choose another folder or remove it")

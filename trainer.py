@@ -2,34 +2,35 @@
 a head per task, and the report's training methods (section 4.3):
   seq: a full pass over each task in turn, each task with its own optimizer;
   mix: every step one batch of every task ("max_size_cycle": an epoch lasts as many
-       steps as the largest task has batches; smaller tasks restart), losses summed,
-       optionally combined by PCGrad instead of summed.
+       steps as the largest task has batches; smaller tasks restart), the task gradients
+       combined by an aggregator (the plain sum, PCGrad, ...; aggregators.py).
+Every state a run needs to continue exactly is saved in last.pt (trainer_state.py).
 """
 from __future__ import annotations
 
-import itertools
 import math
 import os
+import signal
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from datasets import Batch, make_loader
+from aggregators import make_aggregator
+from balancing import balanced_weights, make_balancer
+from datasets import TrainStream
+from diagnostics import GradDiagnostics, format_epoch
+from errors import Interrupted
 from evaluation import Predictions, dev_scores, overall, predict_all
 from heads import MultitaskBERT
 from optimizer import AdamW
-from pcgrad import PCGrad, gradient_cosines
-from runfiles import CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, append_jsonl, write_json
+from pcgrad import PCGrad
+from runfiles import (CHECKPOINT_FILE, LAST_FILE, METRICS_FILE, SUMMARY_FILE, append_jsonl,
+                      read_jsonl, write_json)
 from tasks import Task
+from trainer_state import Diverged, NonFinite, Progress, check_finite, load_state, save_state
 from utils import load_checkpoint, save_checkpoint
-
-
-def forever(loader) -> Iterator[Batch]:
-    """Restart a loader when exhausted (a fresh shuffle each time), unlike itertools.cycle."""
-    while True:
-        yield from loader
 
 
 def make_optimizer(encoder_params, head_params, cfg, total_steps: int):
@@ -50,20 +51,24 @@ def make_optimizer(encoder_params, head_params, cfg, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def mix_step(model: MultitaskBERT, tasks: list[Task], batches: list[Batch], optimizer,
+def mix_step(model: MultitaskBERT, tasks: list[Task], batches: list, optimizer,
              surgery: PCGrad | None = None) -> tuple[list[float], torch.Tensor | None]:
-    """One finetune-mix step: a batch of every task, losses summed, or their encoder
-    gradients combined by PCGrad. Returns the task losses and the gradient Gram matrix."""
+    """One finetune-mix step: a batch of every task, the encoder gradients summed or
+    combined by `surgery`. Returns the task losses and the gradient Gram matrix. A
+    non-finite loss or gradient raises NonFinite before anything is updated."""
     optimizer.zero_grad(set_to_none=True)
     losses = [task.loss(model(task.name, batch), batch.labels)
               for task, batch in zip(tasks, batches)]
+    values = [loss.item() for loss in losses]
+    check_finite(values, [t.name for t in tasks], "loss")
     if surgery is not None:
-        gram = surgery.pc_backward(losses)  # PCGrad, or the plain sum + diagnostics
+        gram = surgery.pc_backward(losses)  # the aggregator's combination + diagnostics
+        check_finite(gram.diagonal().tolist(), [t.name for t in tasks], "gradient")
     else:
         gram = None
         torch.stack(losses).sum().backward()
     optimizer.step()
-    return [loss.item() for loss in losses], gram
+    return values, gram
 
 
 class Trainer:
@@ -77,154 +82,181 @@ class Trainer:
         self.device, self.run_dir, self.log = device, run_dir, log
         self.checkpoint_extra = checkpoint_extra
         self.model.train_encoder(not cfg.freeze_encoder)
-        self.loaders = {t.name: make_loader(t.train, t.collate, t.batch_size, shuffle=True,
-                                            bucket=cfg.bucket, seed=cfg.seed)
+        self.streams = {t.name: TrainStream(t.train, t.collate, t.batch_size, cfg.bucket, cfg.seed)
                         for t in tasks}
         self.eval_tasks = [t for t in tasks if t.spec.evaluated]
         self.best_path = os.path.join(run_dir, CHECKPOINT_FILE)
-
-    # --- training ------------------------------------------------------------------------
-
-    def fit(self) -> dict:
-        train_epoch = self.train_epoch_mix if self.cfg.mode == "mix" else self.train_epoch_seq
+        self.last_path = os.path.join(run_dir, LAST_FILE)
+        self.state = Progress(totals=[0.0] * len(tasks))
+        self.diagnostics = GradDiagnostics(tasks)
+        self.stop_signal = 0
+        self.has_saved_state = False
         self.setup_optimizers()
-        best, best_epoch, best_dev = -math.inf, 0, {}
-        for epoch in range(1, self.cfg.epochs + 1):
-            start = time.time()
-            losses, grad_stats = train_epoch(epoch)
-            predictions = predict_all(self.model, self.eval_tasks, self.device, ("dev",))
-            dev = dev_scores(predictions)
-            score = overall(dev)
-            record = {"epoch": epoch, "train_loss": losses, "dev": dev, "overall": score,
-                      **grad_stats, "seconds": round(time.time() - start, 1)}
-            append_jsonl(os.path.join(self.run_dir, METRICS_FILE), record)
-            self.log(format_epoch(record))
-            if score > best:
-                best, best_epoch, best_dev = score, epoch, {**dev, "overall": score}
-                self.save(epoch, dev, score)
-                self.write(predictions)
-        return self.finish(best_epoch, best_dev)
+
+    # --- setup ---------------------------------------------------------------------------
 
     def setup_optimizers(self) -> None:
-        s = self.cfg
+        cfg = self.cfg
         encoder_params = list(self.model.encoder.parameters())
-        if s.mode == "mix":
-            steps = s.epochs * max(len(loader) for loader in self.loaders.values())
-            self.optimizer, self.scheduler = make_optimizer(
-                encoder_params, self.model.heads.parameters(), s, steps)
+        if cfg.mode == "mix":
+            self.steps_per_epoch = max(len(s) for s in self.streams.values())
+            optimizer, scheduler = make_optimizer(encoder_params, self.model.heads.parameters(),
+                                                  cfg, cfg.epochs * self.steps_per_epoch)
+            self.optimizers = {"mix": (optimizer, scheduler)}
             shared = [p for p in encoder_params if p.requires_grad]
-            use_surgery = shared and (s.pcgrad or s.grad_diagnostics)
-            self.surgery = PCGrad(shared, len(self.tasks), project=s.pcgrad,
-                                  reduction=s.pcgrad_reduction, seed=s.seed) if use_surgery else None
+            self.aggregator = make_aggregator(cfg.aggregator, len(self.tasks), seed=cfg.seed,
+                                              **cfg.aggregator_options())
+            self.balancer = make_balancer(cfg.balance, len(self.tasks))
+            self.combined = cfg.aggregator != "sum" or cfg.balance != "none"
+            self.surgery = PCGrad(shared, len(self.tasks), combine=self.combine) \
+                if shared and (self.combined or cfg.grad_diagnostics) else None
         else:
             # seq: a separate AdamW per task, over the encoder and that task's head.
-            self.task_optimizers = {
-                t.name: make_optimizer(encoder_params, t.head.parameters(), s,
-                                       s.epochs * len(self.loaders[t.name]))
+            self.optimizers = {
+                t.name: make_optimizer(encoder_params, t.head.parameters(), cfg,
+                                       cfg.epochs * len(self.streams[t.name]))
                 for t in self.tasks}
+            self.aggregator = self.balancer = self.surgery = None
+
+    def combine(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        return balanced_weights(gram, losses, self.aggregator, self.balancer)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> dict:
+        if resume:
+            load_state(self, self.last_path)
+            self.restore_metrics_line()
+        previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while self.state.epoch <= self.cfg.epochs:
+                start = time.time()
+                losses, grad_stats = (self.train_epoch_mix if self.cfg.mode == "mix"
+                                      else self.train_epoch_seq)(self.state.epoch)
+                self.end_epoch(losses, grad_stats, time.time() - start)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return self.finish()
+
+    def restore_metrics_line(self) -> None:
+        """A stop between last.pt and the metrics line of its epoch: write the line now."""
+        path = os.path.join(self.run_dir, METRICS_FILE)
+        record = self.state.record
+        done = read_jsonl(path) if os.path.exists(path) else []
+        if record and not any(r.get("epoch") == record["epoch"] for r in done):
+            append_jsonl(path, record)
+
+    def on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum  # acted on after the current step (after_step)
+
+    def after_step(self) -> None:
+        """Save every --save_every_steps steps, and on a stop signal (then stop)."""
+        every = self.cfg.save_every_steps
+        if self.stop_signal or (every and self.state.global_step % every == 0):
+            save_state(self, self.last_path)
+        if self.stop_signal:
+            raise Interrupted(f"interrupted at epoch {self.state.epoch}, step {self.state.step}; "
+                              f"state saved. Continue with: --resume {self.run_dir}",
+                              self.stop_signal)
 
     def train_epoch_mix(self, epoch: int) -> tuple[dict, dict]:
         self.model.train()
-        steps = max(len(loader) for loader in self.loaders.values())
-        streams = [forever(self.loaders[t.name]) for t in self.tasks]
-        totals, diagnostics = [0.0] * len(self.tasks), GradDiagnostics(self.tasks)
-        for _ in self.progress(range(steps), f"epoch {epoch} mix"):
-            batches = [next(stream).to(self.device) for stream in streams]
-            losses, gram = mix_step(self.model, self.tasks, batches, self.optimizer, self.surgery)
-            self.scheduler.step()
-            totals = [t + loss for t, loss in zip(totals, losses)]
-            diagnostics.add(gram)
-        return ({t.name: total / steps for t, total in zip(self.tasks, totals)},
-                {"grad": diagnostics.summary(), "grad_norm": diagnostics.norms()})
+        streams = [self.streams[t.name] for t in self.tasks]
+        if self.state.step == 0:
+            for stream in streams:
+                stream.new_pass()
+        optimizer, scheduler = self.optimizers["mix"]
+        for step in self.progress(range(self.state.step, self.steps_per_epoch), f"epoch {epoch} mix",
+                                  initial=self.state.step, total=self.steps_per_epoch):
+            batches = [stream.next().to(self.device) for stream in streams]
+            losses, gram = self.guarded(mix_step, self.model, self.tasks, batches, optimizer,
+                                        self.surgery)
+            scheduler.step()
+            self.state.totals = [t + loss for t, loss in zip(self.state.totals, losses)]
+            self.diagnostics.add(gram)
+            self.state.advance()
+            self.after_step()
+        steps = self.steps_per_epoch
+        return ({t.name: total / steps for t, total in zip(self.tasks, self.state.totals)},
+                {"grad": self.diagnostics.summary(), "grad_norm": self.diagnostics.norms()})
 
     def train_epoch_seq(self, epoch: int) -> tuple[dict, dict]:
         self.model.train()
-        losses = {}
         order = {name: i for i, name in enumerate(self.cfg.seq_order.split(","))}
-        for task in sorted(self.tasks, key=lambda t: order.get(t.name, len(order))):
-            optimizer, scheduler = self.task_optimizers[task.name]
-            total, count = 0.0, 0
-            for batch in self.progress(self.loaders[task.name], f"epoch {epoch} {task.name}"):
-                batch = batch.to(self.device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = task.loss(self.model(task.name, batch), batch.labels)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total, count = total + loss.item(), count + 1
-            losses[task.name] = total / max(count, 1)
-        return losses, {"grad": {}}
+        ordered = sorted(range(len(self.tasks)), key=lambda i: order.get(self.tasks[i].name, len(order)))
+        for position in range(self.state.seq_task, len(ordered)):
+            self.train_pass(self.tasks[ordered[position]], ordered[position], epoch)
+            self.state.seq_task, self.state.step = position + 1, 0
+        return ({t.name: self.state.totals[i] / max(len(self.streams[t.name]), 1)
+                 for i, t in ((i, self.tasks[i]) for i in ordered)}, {"grad": {}})
 
-    def progress(self, iterable, desc: str):
+    def train_pass(self, task: Task, index: int, epoch: int) -> None:
+        """seq mode: one pass over a task's training data (from the saved step on resume)."""
+        stream, (optimizer, scheduler) = self.streams[task.name], self.optimizers[task.name]
+        if self.state.step == 0:
+            stream.new_pass()
+        for _ in self.progress(range(self.state.step, len(stream)), f"epoch {epoch} {task.name}",
+                               initial=self.state.step, total=len(stream)):
+            losses, _ = self.guarded(mix_step, self.model, [task], [stream.next().to(self.device)],
+                                     optimizer)
+            scheduler.step()
+            self.state.totals[index] += losses[0]
+            self.state.advance()
+            self.after_step()
+
+    def guarded(self, step: Callable, *args):
+        try:
+            return step(*args)
+        except NonFinite as err:
+            raise Diverged(err, self) from None
+
+    def progress(self, iterable, desc: str, **kwargs):
         return tqdm(iterable, desc=desc, leave=False, disable=not self.cfg.progress,
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, **kwargs)
 
-    # --- evaluation and results ----------------------------------------------------------
+    # --- epochs, evaluation and results --------------------------------------------------
+
+    def end_epoch(self, losses: dict, grad_stats: dict, seconds: float) -> None:
+        """Evaluate; keep the best; then save the state of the next epoch's start before
+        the epoch's metrics line, so metrics.jsonl never lists an epoch a resume would redo."""
+        epoch = self.state.epoch
+        predictions = predict_all(self.model, self.eval_tasks, self.device, ("dev",))
+        dev = dev_scores(predictions)
+        score = overall(dev)
+        record = {"epoch": epoch, "train_loss": losses, "dev": dev, "overall": score,
+                  **grad_stats, "seconds": round(seconds, 1)}
+        self.log(format_epoch(record))
+        if score > self.state.best:
+            self.state.best, self.state.best_epoch = score, epoch
+            self.state.best_dev = {**dev, "overall": score}
+            self.save_best(epoch, dev, score)
+            self.write(predictions)
+        self.state.next_epoch(record, len(self.tasks))
+        self.diagnostics = GradDiagnostics(self.tasks)
+        if self.balancer is not None:
+            self.balancer.end_epoch(list(losses.values()))
+        save_state(self, self.last_path)
+        append_jsonl(os.path.join(self.run_dir, METRICS_FILE), record)
+        if self.stop_signal:
+            self.after_step()
 
     def write(self, predictions: list[Predictions]) -> None:
         for p in predictions:
             p.write(self.run_dir)
 
-    def save(self, epoch: int, dev: dict, overall: float) -> None:
+    def save_best(self, epoch: int, dev: dict, score: float) -> None:
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         save_checkpoint(self.best_path, {"model": state, "epoch": epoch, "dev": dev,
-                                         "overall": overall, **self.checkpoint_extra})
+                                         "overall": score, **self.checkpoint_extra})
 
-    def finish(self, best_epoch: int, best: dict) -> dict:
+    def finish(self) -> dict:
         """Reload the best checkpoint, write its test predictions, mark the run complete."""
         self.model.load_state_dict(load_checkpoint(self.best_path)["model"])
         self.write(predict_all(self.model, self.eval_tasks, self.device, ("test",)))
-        summary = {"best_epoch": best_epoch, "best": best, "epochs": self.cfg.epochs}
+        summary = {"best_epoch": self.state.best_epoch, "best": self.state.best_dev,
+                   "epochs": self.cfg.epochs}
         write_json(os.path.join(self.run_dir, SUMMARY_FILE), summary)
+        if os.path.exists(self.last_path):  # complete: nothing left to resume
+            os.remove(self.last_path)
         return summary
-
-
-class GradDiagnostics:
-    """Per pair of tasks: the mean cosine between their encoder gradients and the fraction
-    of steps in which they conflicted (negative dot product)."""
-
-    def __init__(self, tasks: list[Task]):
-        self.pairs = list(itertools.combinations(range(len(tasks)), 2))
-        self.names = [f"{tasks[i].name}/{tasks[j].name}" for i, j in self.pairs]
-        self.cos_sum = [0.0] * len(self.pairs)
-        self.conflicts = [0] * len(self.pairs)
-        self.tasks = [t.name for t in tasks]
-        self.norm_sum = [0.0] * len(tasks)
-        self.steps = 0
-
-    def add(self, gram: torch.Tensor | None) -> None:
-        if gram is None:
-            return
-        cos = gradient_cosines(gram.double())
-        self.steps += 1
-        for n, (i, j) in enumerate(self.pairs):
-            self.cos_sum[n] += cos[i, j].item()
-            self.conflicts[n] += int(gram[i, j] < 0)
-        # Under Adam a task whose gradient is small next to the others' gets a small share
-        # of each step's update: the norms show whether one task drowns out another.
-        norms = gram.diagonal().clamp(min=0).sqrt().tolist()
-        self.norm_sum = [total + norm for total, norm in zip(self.norm_sum, norms)]
-
-    def summary(self) -> dict:
-        if not self.steps:
-            return {}
-        return {name: {"cos": round(c / self.steps, 4), "conflict": round(k / self.steps, 4)}
-                for name, c, k in zip(self.names, self.cos_sum, self.conflicts)}
-
-    def norms(self) -> dict:
-        """Mean L2 norm of each task's encoder gradient over the epoch's steps."""
-        if not self.steps:
-            return {}
-        return {name: round(total / self.steps, 5) for name, total in zip(self.tasks, self.norm_sum)}
-
-
-def format_epoch(record: dict) -> str:
-    losses = " ".join(f"{k} {v:.3f}" for k, v in record["train_loss"].items())
-    dev = " ".join(f"{k} {v:.3f}" for k, v in record["dev"].items())
-    text = (f"epoch {record['epoch']}: train loss [{losses}] dev [{dev}] "
-            f"overall {record['overall']:.3f} ({record['seconds']:.0f}s)")
-    if record.get("grad_norm"):
-        text += "\n  grad norm: " + " ".join(f"{k} {v:.3g}" for k, v in record["grad_norm"].items())
-    for pair, stats in record["grad"].items():
-        text += f"\n  grad {pair}: mean cos {stats['cos']:+.3f}, conflicts {stats['conflict']:.0%}"
-    return text
