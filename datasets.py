@@ -169,6 +169,12 @@ class Collator:
         return [max(ls) for ls in zip(*per_column)]
 
 
+def pass_seed(seed: int, epoch: int) -> str:
+    """The shuffle seed of one pass. Not seed + epoch: then seed s + 1 would replay seed
+    s's orders one pass later, and runs of neighbouring seeds would share their data order."""
+    return f"{seed}/{epoch}"
+
+
 class BucketBatchSampler(Sampler[list[int]]):
     """Length-bucketed batches: shuffle, sort by length within chunks of `chunk_batches`
     batches, cut into batches, shuffle the batches. Batches hold similar lengths, so
@@ -186,7 +192,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         return math.ceil(len(self.lengths) / self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        rng = random.Random(self.seed + self.epoch)
+        rng = random.Random(pass_seed(self.seed, self.epoch))
         self.epoch += 1
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
@@ -224,7 +230,7 @@ class ShuffledBatches:
 
     def __iter__(self) -> Iterator[list[int]]:
         order = list(range(self.size))
-        random.Random(self.seed + self.epoch).shuffle(order)
+        random.Random(pass_seed(self.seed, self.epoch)).shuffle(order)
         self.epoch += 1
         return iter([order[i:i + self.batch_size] for i in range(0, self.size, self.batch_size)])
 

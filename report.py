@@ -33,7 +33,8 @@ def summarize(name: str, runs: list[Run], complete: bool) -> dict:
     """One table row: each run's best epoch, then mean and std over the runs (seeds)."""
     bests = [(run, run.best()) for run in runs]
     bests = [(run, best) for run, best in bests if best is not None]
-    row = {"name": name if complete else f"{name} (incomplete)", "config": name,
+    status = "" if complete else (" (diverged)" if any(r.diverged for r in runs) else " (incomplete)")
+    row = {"name": name + status, "config": name,
            "slug": config_slug(runs[0].config), "complete": complete,
            "runs": [os.path.basename(r.path) for r in runs],
            "seeds": [r.config.get("seed") for r, _ in bests],

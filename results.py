@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from runfiles import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_jsonl
+from runfiles import CONFIG_FILE, DIVERGED_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_jsonl
 from specs import SPECS, TASK_NAMES, canonical_tasks
 
 METRICS = TASK_NAMES + ("overall",)
@@ -76,6 +76,7 @@ class Run:
     config: dict
     epochs: list[dict]
     summary: dict | None
+    diverged: dict | None = None  # what stopped a run whose training diverged
 
     @property
     def complete(self) -> bool:
@@ -102,16 +103,18 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def load_run(path: str) -> Run:
+    metrics = os.path.join(path, METRICS_FILE)
     return Run(path=path, config=_read_json(os.path.join(path, CONFIG_FILE)) or {},
-               epochs=read_metrics(os.path.join(path, METRICS_FILE)),
-               summary=_read_json(os.path.join(path, SUMMARY_FILE)))
+               epochs=read_metrics(metrics) if os.path.isfile(metrics) else [],
+               summary=_read_json(os.path.join(path, SUMMARY_FILE)),
+               diverged=_read_json(os.path.join(path, DIVERGED_FILE)))
 
 
 def find_runs(root: str) -> list[Run]:
     found = []
     for folder, dirs, files in os.walk(root):
         dirs.sort()
-        if CONFIG_FILE in files and METRICS_FILE in files:
+        if CONFIG_FILE in files and (METRICS_FILE in files or DIVERGED_FILE in files):
             found.append(load_run(folder))
     return found
 

@@ -1,0 +1,112 @@
+"""Interrupted runs continue exactly: kill a run (SIGKILL) right after an epoch and in the
+middle of one, resume it, and compare with an uninterrupted run of the same seed."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import multitask_classifier as mtc
+from evaluation import read_predictions
+
+from test_training import run_args
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def killed(script: str, argv: list[str], saves: int, sig: str = "KILL") -> subprocess.CompletedProcess:
+    # one thread, as in this test process: another thread count sums in another order
+    env = dict(os.environ, KILL_AFTER_SAVES=str(saves), KILL_SIGNAL=sig, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(HERE, "die_after_save.py"), script, *argv],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
+
+
+def assert_same_run(resumed, reference):
+    assert metrics(resumed) == metrics(reference)
+    a = torch.load(os.path.join(resumed, "best.pt"), weights_only=True)
+    b = torch.load(os.path.join(reference, "best.pt"), weights_only=True)
+    assert a["epoch"] == b["epoch"] and a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for name in os.listdir(os.path.join(reference, "predictions")):
+        assert read_predictions(os.path.join(resumed, "predictions", name)) == \
+            read_predictions(os.path.join(reference, "predictions", name))
+    assert not os.path.exists(os.path.join(resumed, "last.pt"))  # complete: removed
+
+
+# 24 examples in batches of 4: 6 steps an epoch; with --save_every_steps 4 the saves are
+# after step 4, at the end of epoch 1 (step 6), after step 8 (epoch 2, step 2), ...
+EXTRA = ["--epochs", "3", "--save_every_steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint, tiny_data, tmp_path_factory):
+    """The uninterrupted runs, once per mode."""
+    root = tmp_path_factory.mktemp("reference")
+    return {mode: mtc.main(run_args(tiny_checkpoint, tiny_data, root / mode, *EXTRA, *flags))
+            for mode, flags in MODES.items()}
+
+
+MODES = {"mix-pcgrad": ["--mode", "mix", "--pcgrad", "--hidden_dropout_prob", "0.1"],
+         "seq": ["--mode", "seq"]}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("saves, where", [(2, "just after epoch 1"), (3, "mid-epoch 2")])
+def test_killed_run_resumes_to_the_same_result(tiny_checkpoint, tiny_data, tmp_path, reference,
+                                               mode, saves, where):
+    run_dir = tmp_path / "run"
+    argv = run_args(tiny_checkpoint, tiny_data, run_dir, *EXTRA, *MODES[mode])
+    done = killed("multitask", argv, saves)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert not os.path.exists(run_dir / "summary.json")
+    # The epoch-end save comes before the epoch's metrics line, so a kill right after it
+    # leaves a metrics.jsonl without epoch 1: never an epoch that a resume would redo.
+    lines = metrics(run_dir) if os.path.exists(run_dir / "metrics.jsonl") else []
+    assert len(lines) <= (1 if saves == 3 else 0)
+    mtc.main(["--resume", str(run_dir), "--no-progress"])
+    assert_same_run(str(run_dir), reference[mode])
+
+
+def test_sigterm_saves_and_says_how_to_resume(tiny_checkpoint, tiny_data, tmp_path, reference):
+    run_dir = tmp_path / "run"
+    argv = run_args(tiny_checkpoint, tiny_data, run_dir, *EXTRA, *MODES["mix-pcgrad"])
+    done = killed("multitask", argv, 1, "TERM")
+    assert done.returncode == 143
+    assert f"interrupted at epoch 1, step 4; state saved. Continue with: --resume {run_dir}" \
+        in done.stderr.strip().splitlines()[-1]
+    again = subprocess.run([sys.executable, "multitask_classifier.py", *argv], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "holds an interrupted run; continue it with --resume" in again.stderr
+    with pytest.raises(mtc.ConfigError, match="would change it: --lr"):
+        mtc.main(["--resume", str(run_dir), "--lr", "0.1"])
+    mtc.main(["--resume", str(run_dir), "--no-progress"])
+    assert_same_run(str(run_dir), reference["mix-pcgrad"])
+
+
+def test_a_diverging_run_stops_with_one_line_and_writes_no_nan(tiny_checkpoint, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    argv = run_args(tiny_checkpoint, tiny_data, run_dir, "--epochs", "3", "--lr", "1e9",
+                    "--save_every_steps", "0")
+    done = subprocess.run([sys.executable, "multitask_classifier.py", *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: loss became nan at epoch") and "(lr 1e+09)" in line
+    assert "last good checkpoint:" in line
+    for name in os.listdir(run_dir):
+        if name.endswith((".json", ".jsonl")):
+            text = open(run_dir / name).read()
+            assert "NaN" not in text and "Infinity" not in text
+    import report
+    result = report.write_report(str(tmp_path))
+    assert "(diverged)" in result["table_md"]
