@@ -1,12 +1,14 @@
 import logging
+import random
+from collections import Counter
 
 import pytest
 import torch
 
-from datasets import (BucketBatchSampler, Collator, DataError, make_loader, read_pairs,
+from base_bert import default_checkpoint_path
+from datasets import (BucketBatchSampler, Collator, DataError, Example, make_loader, read_pairs,
                       read_sentences, subsample)
 from specs import PARAPHRASE, SENTIMENT_5, SIMILARITY
-from base_bert import default_checkpoint_path
 from helpers import write_tsv
 from tokenizer import BertTokenizer
 
@@ -121,4 +123,71 @@ def test_eval_loader_keeps_file_order(tok, tmp_path):
 def test_subsample_is_fixed_by_seed(tmp_path):
     items = list(range(100))
     assert subsample(items, 10, 1) == subsample(items, 10, 1)
-    assert len(subsample(items, 10, 1)) == 10 and subsample(items, 0, 1) == items
+    assert subsample(items, 10, 2) != subsample(items, 10, 1)  # the seed decides the subset
+    picked = subsample(items, 10, 1)
+    assert len(set(picked)) == 10 and set(picked) <= set(items)
+    assert picked != items[:10]  # random, not the head of the file
+    assert subsample(items, 0, 1) == items and subsample(items, 100, 1) == items
+
+
+def epochs(sampler, n):
+    return [list(sampler) for _ in range(n)]
+
+
+def test_bucket_sampler_every_index_exactly_once_per_epoch():
+    lengths = [i % 13 for i in range(205)]
+    sampler = BucketBatchSampler(lengths, batch_size=10, seed=0, chunk_batches=4)
+    for batches in epochs(sampler, 3):
+        assert Counter(i for b in batches for i in b) == Counter(range(205))
+        assert len(batches) == len(sampler) == 21  # ceil(205 / 10)
+        assert sorted(len(b) for b in batches) == [5] + [10] * 20
+
+
+def test_bucket_sampler_one_chunk_is_cut_in_length_order_then_shuffled():
+    """With one chunk holding everything and distinct lengths, sorting then cutting gives
+    the batches of lengths 0-9, 10-19, ...; only their order may change between epochs."""
+    lengths = list(range(100))
+    random.Random(0).shuffle(lengths)
+    sampler = BucketBatchSampler(lengths, batch_size=10, seed=1, chunk_batches=10)
+    first, second = epochs(sampler, 2)
+    for batches in (first, second):
+        as_lengths = [[lengths[i] for i in b] for b in batches]
+        assert sorted(as_lengths) == [list(range(10 * k, 10 * k + 10)) for k in range(10)]
+    assert first != second  # the batches are shuffled, and anew each epoch
+    assert [[lengths[i] for i in b] for b in first] != sorted([lengths[i] for i in b] for b in first)
+
+
+def test_bucket_sampler_sorts_within_chunks_of_shuffled_indices():
+    lengths = [i % 17 for i in range(200)]
+    sampler = BucketBatchSampler(lengths, batch_size=10, seed=3, chunk_batches=5)
+    for batches in epochs(sampler, 2):
+        for b in batches:  # each batch is a run of its chunk's length-sorted indices
+            assert [lengths[i] for i in b] == sorted(lengths[i] for i in b)
+        # chunks are drawn from the shuffled order, not consecutive runs of 50 file rows
+        assert any(max(b) - min(b) >= 50 for b in batches)
+
+
+def test_bucket_sampler_is_fixed_by_seed():
+    lengths = [i % 7 for i in range(60)]
+    make = lambda seed: BucketBatchSampler(lengths, batch_size=4, seed=seed, chunk_batches=3)
+    assert epochs(make(5), 3) == epochs(make(5), 3)
+    assert epochs(make(5), 1) != epochs(make(6), 1)
+
+
+def loader_ids(loader):
+    return [i for batch in loader for i in batch.ids]
+
+
+@pytest.mark.parametrize("bucket", [False, True])
+def test_training_loader_shuffles_by_seed(tok, bucket):
+    examples = [Example(f"id{i}", ("hello " * (i % 4 + 1),), i % 5) for i in range(20)]
+    make = lambda seed: make_loader(examples, Collator(tok), 4, shuffle=True, bucket=bucket,
+                                    seed=seed)
+    loader = make(0)
+    first, second = loader_ids(loader), loader_ids(loader)
+    for order in (first, second):
+        assert sorted(order) == sorted(e.id for e in examples)  # each example once
+    assert first != [e.id for e in examples]  # shuffled
+    assert first != second  # anew each epoch
+    assert loader_ids(make(0)) == first  # fixed by the seed
+    assert loader_ids(make(1)) != first

@@ -1,8 +1,16 @@
+import math
+
 import numpy as np
 import pytest
 
 from evaluation import accuracy, pearson, read_predictions, write_predictions
 from runfiles import atomic_write
+
+
+def pearson_by_hand(x, y):
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
 
 
 def test_accuracy_and_pearson():
@@ -11,6 +19,31 @@ def test_accuracy_and_pearson():
     assert pearson(x, [2 * v + 1 for v in x]) == pytest.approx(1.0)
     assert pearson(x, [0.3, 0.1, 0.9, 0.2]) == pytest.approx(np.corrcoef(x, [0.3, 0.1, 0.9, 0.2])[0, 1])
     assert pearson([1.0, 1.0], [0.0, 2.0]) == 0.0
+
+
+def test_pearson_against_the_formula():
+    # worked: x = (1, 2, 3), y = (1, 3, 2): deviations (-1, 0, 1) and (-1, 1, 0),
+    # cov = 1, sums of squares 2 and 2: r = 1 / 2
+    assert pearson([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5, abs=1e-12)
+    x, y = [0.3, 1.7, 2.2, 4.0, 4.1, 0.0], [1.0, 2.5, 1.9, 4.4, 3.0, 0.2]
+    assert pearson(x, y) == pytest.approx(pearson_by_hand(x, y), abs=1e-12)
+    assert pearson(x, [-v for v in y]) == pytest.approx(-pearson_by_hand(x, y), abs=1e-12)
+    assert pearson(x, [-3 * v + 2 for v in x]) == pytest.approx(-1.0, abs=1e-12)
+    assert isinstance(pearson(x, y), float)
+
+
+def test_pearson_of_a_constant_side_is_zero():
+    for x, y in [([2.0, 2.0, 2.0], [1.0, 2.0, 3.0]), ([1.0, 2.0, 3.0], [0.5, 0.5, 0.5]),
+                 ([1.0, 1.0], [1.0, 1.0])]:
+        value = pearson(x, y)
+        assert value == 0.0 and isinstance(value, float)
+
+
+def test_accuracy_counts_matches():
+    # 3 of 5 predictions equal their labels
+    assert accuracy([0, 1, 1, 2, 0], [0, 1, 2, 2, 1]) == pytest.approx(3 / 5)
+    assert accuracy([1, 1], [1, 1]) == 1.0 and accuracy([0, 0], [1, 1]) == 0.0
+    assert isinstance(accuracy([1], [1]), float)
 
 
 def test_prediction_file_roundtrip(tmp_path):

@@ -15,20 +15,49 @@ def run(opt_cls, grads, init, **kwargs):
     return p.detach()
 
 
-def test_two_steps_by_hand():
-    lr, b1, b2, eps, wd = 0.1, 0.9, 0.99, 1e-6, 0.01
-    p0 = torch.tensor([1.0, -2.0])
-    g1, g2 = torch.tensor([0.5, -1.0]), torch.tensor([-0.2, 0.3])
-    got = run(AdamW, [g1, g2], p0, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
-    p, m, v = p0.tolist(), [0.0, 0.0], [0.0, 0.0]
-    for t, g in enumerate([g1.tolist(), g2.tolist()], start=1):
+def adamw_by_hand(p, grads, lr, b1, b2, eps, wd):
+    """Kingma & Ba's Algorithm 1 with section 2's "efficient" bias correction, plus
+    Loshchilov & Hutter's decoupled decay applied after the Adam step, one scalar at a time."""
+    p, m, v = list(p), [0.0] * len(p), [0.0] * len(p)
+    for t, g in enumerate(grads, start=1):
         alpha = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-        for i in range(2):
-            m[i] = b1 * m[i] + (1 - b1) * g[i]
-            v[i] = b2 * v[i] + (1 - b2) * g[i] ** 2
+        for i, gi in enumerate(g):
+            m[i] = b1 * m[i] + (1 - b1) * gi
+            v[i] = b2 * v[i] + (1 - b2) * gi * gi
             p[i] = p[i] - alpha * m[i] / (math.sqrt(v[i]) + eps)
-            p[i] = p[i] - lr * wd * p[i]
-    torch.testing.assert_close(got, torch.tensor(p), rtol=0, atol=1e-6)
+            p[i] = p[i] * (1 - lr * wd)
+    return p
+
+
+# eps = 0.1 is large on purpose: coordinate 0 (small gradients) is dominated by eps and
+# coordinate 1 (large ones) by sqrt(v), so eps's place and the bias correction both show;
+# wd = 0.5 makes "decay before the step" differ from "after" by ~1e-3.
+LR, B1, B2, EPS, WD = 0.1, 0.9, 0.99, 0.1, 0.5
+P0 = [1.0, -2.0]
+GRADS = [[0.5, 4.0], [-0.2, 3.0], [0.1, -1.0]]
+
+
+def test_first_step_worked_by_hand():
+    got = run(AdamW, [torch.tensor(GRADS[0])], torch.tensor(P0), lr=LR, betas=(B1, B2), eps=EPS,
+              weight_decay=WD)
+    # t = 1: alpha = 0.1 sqrt(1 - 0.99) / (1 - 0.9) = 0.1; decay factor 1 - 0.1 * 0.5 = 0.95
+    # p0:  m = 0.1 * 0.5 = 0.05, v = 0.01 * 0.25 = 0.0025, sqrt(v) = 0.05
+    #      (1 - 0.1 * 0.05 / (0.05 + 0.1)) * 0.95 = (1 - 1/30) * 0.95 = 0.918333...
+    # p1:  m = 0.4, v = 0.16, sqrt(v) = 0.4: (-2 - 0.1 * 0.4 / 0.5) * 0.95 = -2.08 * 0.95 = -1.976
+    torch.testing.assert_close(got, torch.tensor([0.95 * 29 / 30, -1.976]), rtol=0, atol=1e-6)
+
+
+def test_three_steps_with_weight_decay_by_hand():
+    got = run(AdamW, [torch.tensor(g) for g in GRADS], torch.tensor(P0), lr=LR, betas=(B1, B2),
+              eps=EPS, weight_decay=WD)
+    expected = adamw_by_hand(P0, GRADS, LR, B1, B2, EPS, WD)
+    torch.testing.assert_close(got, torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+def test_weight_decay_alone_shrinks_by_lr_times_wd():
+    # a zero gradient leaves m = v = 0, so the Adam step is 0 and only p <- p (1 - lr wd) acts
+    got = run(AdamW, [torch.zeros(2)] * 3, torch.tensor([2.0, -4.0]), lr=0.1, weight_decay=0.5)
+    torch.testing.assert_close(got, torch.tensor([2.0, -4.0]) * 0.95 ** 3)
 
 
 def test_matches_torch_adamw_without_decay():
@@ -43,8 +72,12 @@ def test_matches_torch_adamw_without_decay():
 def test_without_bias_correction_first_step_is_lr_scaled():
     got = run(AdamW, [torch.tensor([4.0])], torch.tensor([0.0]), lr=1.0, betas=(0.9, 0.999),
               eps=0.0, correct_bias=False)
-    # m = 0.4, v = 0.016: step = m / sqrt(v)
+    # m = 0.1 * 4 = 0.4, v = 0.001 * 16 = 0.016, alpha = lr = 1: p = -m / sqrt(v) = -3.1623
     torch.testing.assert_close(got, torch.tensor([-0.4 / math.sqrt(0.016)]))
+    # with the correction, alpha = sqrt(1 - 0.999) / (1 - 0.9): -sqrt(0.001) / 0.1 * 3.1623 = -1
+    got = run(AdamW, [torch.tensor([4.0])], torch.tensor([0.0]), lr=1.0, betas=(0.9, 0.999),
+              eps=0.0)
+    torch.testing.assert_close(got, torch.tensor([-1.0]))
 
 
 def test_param_groups_keep_their_own_settings():

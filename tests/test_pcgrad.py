@@ -1,10 +1,12 @@
+import math
 import random
 
 import pytest
 import torch
 
 from optimizer import AdamW
-from pcgrad import PCGrad, gradient_cosines, gram_matrix, project_conflicting
+from pcgrad import (PCGrad, combine_weights, gradient_cosines, gram_matrix, project_coefficients,
+                    project_conflicting)
 
 
 def rng(seed=0):
@@ -52,19 +54,78 @@ def test_mean_is_sum_over_k():
     grads = torch.tensor([[1.0, 1.0], [-1.0, 0.5], [0.3, -2.0]])
     total = project_conflicting(grads, rng(1), "sum")
     torch.testing.assert_close(project_conflicting(grads, rng(1), "mean"), total / 3)
+    torch.testing.assert_close(project_conflicting(grads, rng(1), "mean", project=False),
+                               grads.sum(0) / 3)
 
 
 def test_zero_gradient_gives_no_nan():
     grads = torch.tensor([[0.0, 0.0], [-1.0, 0.5], [1.0, 1.0]])
-    update = project_conflicting(grads, rng())
-    assert torch.isfinite(update).all()
-    assert torch.isfinite(gradient_cosines(grads @ grads.T)).all()
+    # By hand (any order: a zero g0 has dot 0 with everything, so it is never projected on
+    # or off): g0' = 0; g1 . g2 = -0.5, ||g2||^2 = 2: g1' = g1 + 0.25 g2 = (-0.75, 0.75);
+    # ||g1||^2 = 1.25: g2' = g2 + 0.4 g1 = (0.6, 1.2). Sum (-0.15, 1.95).
+    for seed in range(4):
+        torch.testing.assert_close(project_conflicting(grads, rng(seed)), torch.tensor([-0.15, 1.95]))
+    # cos(g1, g2) = -0.5 / sqrt(1.25 * 2); the zero gradient's row and column are 0
+    c = -0.5 / math.sqrt(2.5)
+    torch.testing.assert_close(gradient_cosines(grads @ grads.T),
+                               torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, c], [0.0, c, 1.0]]))
 
 
 def test_same_seed_same_result():
     grads = torch.randn(4, 30, generator=torch.Generator().manual_seed(2))
     grads[1] = -grads[0] + 0.1 * grads[1]
     torch.testing.assert_close(project_conflicting(grads, rng(7)), project_conflicting(grads, rng(7)))
+    # and the seed matters: another one draws other orders, hence another update
+    assert not torch.allclose(project_conflicting(grads, rng(7)), project_conflicting(grads, rng(8)))
+
+
+class FixedOrder:
+    """A stand-in for random.Random whose shuffle records the list and keeps or reverses it."""
+
+    def __init__(self, reverse):
+        self.reverse, self.calls = reverse, []
+
+    def shuffle(self, items):
+        self.calls.append(list(items))
+        if self.reverse:
+            items.reverse()
+
+
+# g0 . g1 = -1, g0 . g2 = 0, g1 . g2 = -1; ||g0||^2 = 1, ||g1||^2 = 2, ||g2||^2 = 1
+THREE = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [0.0, -1.0]])
+
+
+def test_projection_order_comes_from_the_rng():
+    """Worked by hand, each g_i projected off the others in the order the rng gives.
+    Ascending order: g0 off g1: g0 + 1/2 g1 = (0.5, 0.5); off g2 (dot -0.5): + 0.5 g2 ->
+    (0.5, 0). g1 off g0: g1 + g0 = (0, 1); off g2 (dot -1): + g2 -> (0, 0). g2 off g0: dot 0;
+    off g1: g2 + 1/2 g1 = (-0.5, -0.5). Sum (0, -0.5).
+    Descending order: g0 off g2: dot 0; off g1: (0.5, 0.5). g1 off g2: g1 + g2 = (-1, 0); off
+    g0 (dot -1): + g0 -> (0, 0). g2 off g1: (-0.5, -0.5); off g0 (dot -0.5): + 0.5 g0 ->
+    (0, -0.5). Sum (0.5, 0)."""
+    ascending, descending = FixedOrder(reverse=False), FixedOrder(reverse=True)
+    torch.testing.assert_close(project_conflicting(THREE, ascending), torch.tensor([0.0, -0.5]))
+    torch.testing.assert_close(project_conflicting(THREE, descending), torch.tensor([0.5, 0.0]))
+    assert ascending.calls == [[1, 2], [0, 2], [0, 1]]  # each task's others, shuffled in turn
+    # the coefficients C (g_i' = sum_m C[i, m] g_m) of the ascending order, from the above
+    gram = (THREE @ THREE.T).double()
+    torch.testing.assert_close(project_coefficients(gram, FixedOrder(reverse=False)),
+                               torch.tensor([[1.0, 0.5, 0.5], [1.0, 1.0, 1.0], [0.0, 0.5, 1.0]],
+                                            dtype=torch.float64))
+    # a real rng draws both orders' results across seeds
+    results = {tuple(project_conflicting(THREE, rng(seed)).tolist()) for seed in range(20)}
+    assert len(results) > 1
+
+
+def test_combine_weights_by_hand():
+    gram = (THREE @ THREE.T).double()
+    # column sums of C above: (2, 2, 2.5); "mean" divides by K = 3
+    w = torch.tensor([2.0, 2.0, 2.5], dtype=torch.float64)
+    torch.testing.assert_close(combine_weights(gram, FixedOrder(False)), w)
+    torch.testing.assert_close(combine_weights(gram, FixedOrder(False), reduction="mean"), w / 3)
+    ones = torch.ones(3, dtype=torch.float64)
+    torch.testing.assert_close(combine_weights(gram, rng(), project=False), ones)
+    torch.testing.assert_close(combine_weights(gram, rng(), project=False, reduction="mean"), ones / 3)
 
 
 def test_cosines():
@@ -72,10 +133,24 @@ def test_cosines():
     cos = gradient_cosines(grads @ grads.T)
     torch.testing.assert_close(cos, torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0],
                                                   [-1.0, 0.0, 1.0]]))
+    # norms 5, sqrt 2, 5; (3, 4) . (1, 1) = 7, (3, 4) . (4, -3) = 0, (1, 1) . (4, -3) = 1
+    grads = torch.tensor([[3.0, 4.0], [1.0, 1.0], [4.0, -3.0]])
+    c = 7 / (5 * math.sqrt(2))
+    d = 1 / (5 * math.sqrt(2))
+    torch.testing.assert_close(gradient_cosines(grads @ grads.T),
+                               torch.tensor([[1.0, c, 0.0], [c, 1.0, d], [0.0, d, 1.0]]))
 
 
-def two_task_model():
-    torch.manual_seed(0)
+def test_gram_matrix_by_hand():
+    grads = torch.tensor([[1.0, 2.0, 0.0, -1.0, 3.0], [0.0, 1.0, -2.0, 2.0, 1.0]])
+    # 1+4+0+1+9 = 15; 0+2+0-2+3 = 3; 0+1+4+4+1 = 10 (block=2: two blocks and a tail of one)
+    expected = torch.tensor([[15.0, 3.0], [3.0, 10.0]])
+    for block in (1, 2, 3, 4096):
+        torch.testing.assert_close(gram_matrix(grads, block=block), expected)
+
+
+def two_task_model(seed=0):
+    torch.manual_seed(seed)
     shared = torch.nn.Linear(3, 4)
     heads = torch.nn.ModuleList([torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)])
     x = torch.randn(5, 3)
@@ -84,6 +159,46 @@ def two_task_model():
     def losses():  # each task its own forward pass, as in training (one batch per task)
         return [((head(shared(x)) - t) ** 2).mean() for head, t in zip(heads, targets)]
     return shared, heads, losses
+
+
+def per_task_flat_gradients(shared, heads, losses):
+    grads = []
+    for k in range(2):  # each task's gradients alone, by plain autograd
+        shared.zero_grad(), heads.zero_grad()
+        losses()[k].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in shared.parameters()]))
+    shared.zero_grad(set_to_none=True), heads.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("reduction, divisor", [("sum", 1), ("mean", 2)])
+def test_wrapper_writes_back_the_projected_gradient(reduction, divisor):
+    shared, heads, losses = two_task_model(seed=4)  # a seed whose two tasks conflict
+    g1, g2 = per_task_flat_gradients(shared, heads, losses)
+    dot = g1 @ g2
+    assert dot < 0
+    # two tasks, closed form: each projected off the other's original gradient
+    expected = ((g1 - dot / (g2 @ g2) * g2) + (g2 - dot / (g1 @ g1) * g1)) / divisor
+    surgery = PCGrad(shared.parameters(), num_tasks=2, reduction=reduction, seed=0)
+    gram = surgery.pc_backward(losses())
+    written = [p.grad for p in shared.parameters()]
+    torch.testing.assert_close(torch.cat([g.flatten() for g in written]), expected)
+    assert [g.shape for g in written] == [p.shape for p in shared.parameters()]
+    torch.testing.assert_close(gram, torch.stack([g1, g2]) @ torch.stack([g1, g2]).T)
+
+
+def test_wrapper_seed_draws_the_orders():
+    """Linear losses g_k . p have gradient exactly g_k: with the three tasks of THREE, the
+    order matters, and the wrapper's orders are those of random.Random(seed), step after step."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    results = set()
+    for seed in range(6):
+        surgery, reference = PCGrad([p], num_tasks=3, seed=seed), rng(seed)
+        for _ in range(2):
+            surgery.pc_backward([THREE[k] @ p for k in range(3)])
+            torch.testing.assert_close(p.grad, project_conflicting(THREE, reference))
+            results.add(tuple(p.grad.tolist()))
+    assert len(results) > 1
 
 
 def test_wrapper_projects_shared_and_leaves_heads_alone():

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from base_bert import default_checkpoint_path
 from errors import CheckpointError
@@ -56,3 +57,28 @@ def test_bad_arguments(tmp_path):
         BertTokenizer(str(tmp_path / "vocab.txt"))
     with pytest.raises(ValueError, match="second"):
         BertTokenizer.from_pretrained(default_checkpoint_path()).encode(["a", "b"], ["c"])
+
+
+def test_pair_batch_token_types_and_mask(tok):
+    # [CLS] hello world hello [SEP] world [SEP]  /  [CLS] hello [SEP] world hello world [SEP]
+    enc = tok.encode(["hello world hello", "hello"], ["world", "world hello world"])
+    assert enc.input_ids.tolist() == [[101, 7592, 2088, 7592, 102, 2088, 102],
+                                      [101, 7592, 102, 2088, 7592, 2088, 102]]
+    # 0 for [CLS], the first segment and its [SEP]; 1 for the second segment and its [SEP]
+    assert enc.token_type_ids.tolist() == [[0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1, 1]]
+    assert enc.attention_mask.tolist() == [[1] * 7, [1] * 7]
+    padded = tok.encode(["hello", "hello world hello"], ["world", "world"])
+    # [CLS] hello [SEP] world [SEP] + 2 padding: padding has type 0 and mask 0
+    assert padded.token_type_ids[0].tolist() == [0, 0, 0, 1, 1, 0, 0]
+    assert padded.attention_mask[0].tolist() == [1, 1, 1, 1, 1, 0, 0]
+    assert padded.input_ids[0, -2:].tolist() == [0, 0]
+    single = tok.encode(["hello world", "hello"])
+    assert single.token_type_ids.tolist() == [[0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_encoded_to_and_as_kwargs_keep_the_fields(tok):
+    enc = tok.encode(["hello"], ["world world"])
+    moved = enc.to("cpu")
+    for name in ("input_ids", "token_type_ids", "attention_mask"):
+        assert torch.equal(getattr(moved, name), getattr(enc, name))
+        assert torch.equal(enc.as_kwargs()[name], getattr(enc, name))
