@@ -153,12 +153,18 @@ def train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str,
     return run_dir, summary, tasks
 
 
-def load_saved(path: str, script: str) -> dict:
-    """A best.pt of `script`; another script's checkpoint is refused by name."""
-    saved = load_checkpoint(path, SAVED_KEYS)
+def saved_script(saved: dict) -> str:
+    """The script that trained a loaded best.pt: "classifier" or "multitask"."""
     # checkpoints from before the "script" key: only classifier.py saved a "task"
-    found = saved.get("script") or ("classifier" if "task" in saved["config"] else "multitask")
-    if found != script:
+    return saved.get("script") or ("classifier" if "task" in saved["config"] else "multitask")
+
+
+def load_saved(path: str, script: str | None = None) -> dict:
+    """A best.pt of `script` (None: of either script); another script's checkpoint is
+    refused by name."""
+    saved = load_checkpoint(path, SAVED_KEYS)
+    found = saved_script(saved)
+    if found != script and (script is not None or found not in ("classifier", "multitask")):
         raise CheckpointError(f"{path}: a {found} checkpoint; this script reads {script} ones "
                               f"(use {found}.py)" if found in ("classifier", "multitask")
                               else f"{path}: unknown kind of checkpoint {found!r}")
