@@ -66,6 +66,9 @@ class RunConfig:
     precision: str = field(default="fp32", metadata=_help(
         "bf16: bfloat16 autocast; auto: bf16 where the hardware computes it natively",
         choices=["fp32", "bf16", "auto"]))
+    config: str = field(default="", metadata=_help(
+        "a run's config.json: start a new run with its settings (not its run_dir); the "
+        "flags given beside --config override them"))
 
     def __post_init__(self) -> None:
         if not self.lr:
