@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import re
 import sys
 from dataclasses import fields
 from typing import Any, Callable, Sequence, Type, TypeVar, get_args, get_origin
 
-from errors import Interrupted, UserError
+from errors import ConfigError, Interrupted, UserError
 
 T = TypeVar("T")
 
@@ -51,8 +52,39 @@ def build_parser(cls: Type[T], description: str = "") -> argparse.ArgumentParser
 
 
 def parse_config(cls: Type[T], argv: Sequence[str] | None = None, description: str = "") -> T:
-    args = build_parser(cls, description).parse_args(argv)
-    return cls(**vars(args))
+    """The config of the command line. A config with a `config` field takes
+    `--config RUN/config.json`: a new run from that run's settings (its run_dir
+    dropped), the flags given beside it winning."""
+    args = vars(build_parser(cls, description).parse_args(argv))
+    if args.get("config"):
+        args = {**args, **read_config_file(cls, args["config"]),
+                **explicit_options(cls, argv), "config": args["config"]}
+    return cls(**args)
+
+
+# Never taken from a config file: a new run gets a new folder, and records its own --config.
+NOT_FROM_FILE = ("run_dir", "config")
+
+
+def read_config_file(cls: Type[T], path: str) -> dict[str, Any]:
+    """The settings of a run's config.json that `cls` knows. The file must be a config of
+    this script: it holds one of the fields `cls` adds to the config it extends."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--config {path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot be read ({err.strerror})") from None
+    known = {f.name for f in fields(cls)}
+    base = next((b for b in cls.__mro__[1:] if dataclasses.is_dataclass(b)), None)
+    own = known - {f.name for f in fields(base)} if base else known
+    if not isinstance(saved, dict) or not own & saved.keys():
+        raise ConfigError(f"--config {path}: not a config of this script (a run's config.json "
+                          f"holds some of {', '.join(sorted(own)[:4])}, ...)")
+    return {k: v for k, v in saved.items() if k in known and k not in NOT_FROM_FILE}
 
 
 def explicit_options(cls: Type[T], argv: Sequence[str] | None) -> dict[str, Any]:

@@ -36,11 +36,6 @@ from utils import load_checkpoint
 HEADS_FORMAT = "minbert-mtl heads v1"
 SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
                   "cls_token": "[CLS]", "mask_token": "[MASK]"}
-LABELS = {
-    "sst": ["negative", "somewhat negative", "neutral", "somewhat positive", "positive"],
-    "cfimdb": ["negative", "positive"],
-    "aux": ["1 star", "2 stars", "3 stars", "4 stars", "5 stars"],
-}
 POOLING_TEXT = {
     "mean": "x = mean of last_hidden_state over the tokens whose attention_mask is 1 "
             "([CLS] and [SEP] included)",
@@ -165,12 +160,12 @@ def describe_head(plan: HeadPlan, params: dict[str, torch.Tensor], dev: dict) ->
     if spec.kind == "classification":
         entry["output"] = f"logits over the labels 0..{outputs - 1}"
         entry["prediction"] = "argmax of the logits"
-        entry["labels"] = LABELS.get(task, [str(i) for i in range(outputs)])
+        entry["labels"] = list(spec.label_names) or [str(i) for i in range(outputs)]
     elif spec.kind == "binary":
         entry["output"] = ("one logit (squeezed): sigmoid(output) is the probability that "
                            "the two questions are paraphrases")
         entry["prediction"] = "1 (paraphrase) when output > 0, i.e. probability > 0.5"
-        entry["labels"] = ["not paraphrase", "paraphrase"]
+        entry["labels"] = list(spec.label_names)
     else:
         entry["output"] = "one similarity score (squeezed) on the 0-5 scale of the STS labels"
         entry["prediction"] = "output clamped to [0, 5]"

@@ -132,7 +132,7 @@ def is_done(run_dir: str) -> bool:
 
 
 # Settings a finished run may differ in and still count as the run asked for.
-HARMLESS = ("progress", "run_dir")
+HARMLESS = ("progress", "run_dir", "save_every_steps", "resume", "config")
 
 
 def trainer_config(argv: list[str]):

@@ -72,6 +72,9 @@ class RunConfig:
         "500 steps are ~8 min of the full recipe on a 2-core CPU"))
     resume: str = field(default="", metadata=_help(
         "continue the interrupted run in this folder, with its saved configuration"))
+    config: str = field(default="", metadata=_help(
+        "a run's config.json: start a new run with its settings (not its run_dir); the "
+        "flags given beside --config override them"))
 
     def __post_init__(self) -> None:
         if not self.lr:
@@ -186,12 +189,18 @@ def resume_config(cls, given: dict) -> RunConfig:
     return cls.from_saved(saved, **{k: v for k, v in given.items() if k in HARMLESS_ON_RESUME})
 
 
-def load_saved(path: str, script: str) -> dict:
-    """A best.pt of `script`; another script's checkpoint is refused by name."""
-    saved = load_checkpoint(path, SAVED_KEYS)
+def saved_script(saved: dict) -> str:
+    """The script that trained a loaded best.pt: "classifier" or "multitask"."""
     # checkpoints from before the "script" key: only classifier.py saved a "task"
-    found = saved.get("script") or ("classifier" if "task" in saved["config"] else "multitask")
-    if found != script:
+    return saved.get("script") or ("classifier" if "task" in saved["config"] else "multitask")
+
+
+def load_saved(path: str, script: str | None = None) -> dict:
+    """A best.pt of `script` (None: of either script); another script's checkpoint is
+    refused by name."""
+    saved = load_checkpoint(path, SAVED_KEYS)
+    found = saved_script(saved)
+    if found != script and (script is not None or found not in ("classifier", "multitask")):
         raise CheckpointError(f"{path}: a {found} checkpoint; this script reads {script} ones "
                               f"(use {found}.py)" if found in ("classifier", "multitask")
                               else f"{path}: unknown kind of checkpoint {found!r}")

@@ -49,6 +49,7 @@ class TaskSpec:
     prediction_label: str  # the column name of the prediction files
     multitask: bool = False  # one of multitask_classifier.py's evaluated tasks
     evaluated: bool = True  # False: trained only (the auxiliary task)
+    label_names: tuple[str, ...] = ()  # what each class id means (classification, binary)
 
     @property
     def metric(self) -> str:
@@ -62,20 +63,21 @@ class TaskSpec:
 
 SPECS = {spec.name: spec for spec in (
     TaskSpec("sst", "SST", "ids-sst-{split}.csv", False, SENTIMENT_5, "classification", 5,
-             "Sentiment", multitask=True),
+             "Sentiment", multitask=True, label_names=(
+                 "negative", "somewhat negative", "neutral", "somewhat positive", "positive")),
     TaskSpec("quora", "Quora", "quora-{split}.csv", True, PARAPHRASE, "binary", 1,
-             "Is_Paraphrase", multitask=True),
+             "Is_Paraphrase", multitask=True, label_names=("not paraphrase", "paraphrase")),
     TaskSpec("sts", "STS", "sts-{split}.csv", True, SIMILARITY, "regression", 1,
              "Similarity", multitask=True),
     TaskSpec("cfimdb", "CFIMDB", "ids-cfimdb-{split}.csv", False, SENTIMENT_2,
-             "classification", 2, "Sentiment"),
+             "classification", 2, "Sentiment", label_names=("negative", "positive")),
 )}
 # The multitask script's tasks, in their canonical order (metrics, tables, file names).
 TASK_NAMES = tuple(name for name, spec in SPECS.items() if spec.multitask)
 CLASSIFIER_TASKS = tuple(name for name, spec in SPECS.items() if not spec.pair)
 # The report's auxiliary Yelp task: 5-star sentiment, trained, never evaluated.
 AUX = TaskSpec("aux", "Aux", "", False, SENTIMENT_5, "classification", 5, "Sentiment",
-               evaluated=False)
+               evaluated=False, label_names=("1 star", "2 stars", "3 stars", "4 stars", "5 stars"))
 
 
 def canonical_tasks(names) -> tuple[str, ...]:

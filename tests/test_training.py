@@ -37,7 +37,10 @@ def test_modes_train_and_write_results(tiny_checkpoint, tiny_data, tmp_path, ext
     records = epochs(run_dir)
     assert len(records) == 4
     first, last = records[0]["train_loss"], records[-1]["train_loss"]
-    assert sum(last.values()) < sum(first.values())
+    # With the encoder frozen, the STS cosine head has nothing to train: its loss only
+    # follows the data order.
+    learning = [k for k in first if not ("pretrain" in extra and k == "sts")]
+    assert sum(last[k] for k in learning) < sum(first[k] for k in learning)
     assert set(records[0]["dev"]) == {"sst", "quora", "sts"}
     if "--aux" in extra:
         assert "aux" in first

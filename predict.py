@@ -1,0 +1,153 @@
+"""Predict with a trained run: one sentence per line (two TAB-separated sentences for the
+pair tasks quora and sts) in, one line per input out:
+
+    prediction <TAB> detail <TAB> input
+
+The prediction is a label index (sst, cfimdb, quora) or the 0-5 similarity score (sts);
+the detail is the label's name (sst, cfimdb), the paraphrase probability (quora) or the
+raw, unclamped score (sts). The checkpoint's own config decides everything else (pair
+encodings, max_length, pooling); no data folder is read.
+
+    echo "a gripping , funny film ." | python predict.py --load runs/<run>/best.pt --task sst
+    python predict.py --load runs/<run>/best.pt --task quora --input pairs.tsv --output out.tsv
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+import classifier
+import multitask_classifier
+import run
+from cli import parse_config, run_cli
+from datasets import Example, make_loader
+from errors import CheckpointError, ConfigError, DataError
+from evaluation import format_prediction
+from runfiles import atomic_write
+from specs import SPECS
+from tasks import Task
+from utils import choose_device
+
+# the "script" a best.pt names -> its config class and task builder
+SCRIPTS = {multitask_classifier.SCRIPT: (multitask_classifier.MultitaskConfig,
+                                         multitask_classifier.build_tasks),
+           classifier.SCRIPT: (classifier.ClassifierConfig, classifier.build_tasks)}
+STDIN = "<stdin>"
+
+
+@dataclass
+class PredictConfig:
+    load: str = field(default="", metadata={"help": "a run's best.pt"})
+    task: str = field(default="sst", metadata={"help": "the head to predict with",
+                                               "choices": list(SPECS)})
+    input: str = field(default="", metadata={"help": "input file (default: stdin)"})
+    output: str = field(default="", metadata={"help": "output file (default: stdout)"})
+    batch_size: int = 32
+    use_gpu: bool = field(default=False, metadata={"help": "use CUDA when present"})
+    precision: str = field(default="fp32", metadata={
+        "help": "bf16: bfloat16 autocast; auto: bf16 where the hardware computes it natively",
+        "choices": ["fp32", "bf16", "auto"]})
+
+    def __post_init__(self) -> None:
+        if not self.load:
+            raise ConfigError("--load CHECKPOINT is required")
+        if self.batch_size <= 0:
+            raise ConfigError(f"--batch_size must be positive, got {self.batch_size}")
+
+
+def load_model(path: str, task_name: str, device: torch.device,
+               precision: str = "fp32") -> tuple[torch.nn.Module, Task]:
+    """The model a best.pt was trained as (of either script) and its `task_name` task."""
+    saved = run.load_saved(path)
+    config_cls, make_tasks = SCRIPTS[run.saved_script(saved)]
+    cfg = config_cls.from_saved(saved["config"], data_dir="", aux="", eval_only=False,
+                                load="", use_gpu=device.type == "cuda", precision=precision)
+    model, tasks = run.rebuild(saved, cfg, make_tasks, (), device, path)
+    found = {t.name: t for t in tasks}
+    if task_name not in found:
+        raise CheckpointError(f"{path} has no {task_name} head; it has {', '.join(found)}")
+    return model, found[task_name]
+
+
+def parse_rows(lines: Sequence[str], pair: bool, source: str) -> list[tuple[str, ...]]:
+    """Each line's sentences (one, or two TAB-separated for a pair task)."""
+    rows = []
+    for number, line in enumerate(lines, 1):
+        texts = tuple(line.rstrip("\r\n").split("\t"))
+        wanted = 2 if pair else 1
+        if not any(t.strip() for t in texts):
+            raise DataError(f"{source}, line {number}: empty line")
+        if len(texts) != wanted or not all(t.strip() for t in texts):
+            what = "two TAB-separated sentences" if pair else "one sentence (no TAB)"
+            raise DataError(f"{source}, line {number}: expected {what}, got {len(texts)} "
+                            f"field(s){'' if all(t.strip() for t in texts) else ', one empty'}")
+        rows.append(texts)
+    if not rows:
+        raise DataError(f"{source}: no input lines")
+    return rows
+
+
+@torch.inference_mode()
+def predict_texts(model: torch.nn.Module, task: Task, rows: Sequence[tuple[str, ...]],
+                  device: torch.device, batch_size: int = 32) -> list[tuple]:
+    """(prediction, detail) per row, in order: (label index, label name) for sst and
+    cfimdb, (label index, paraphrase probability) for quora, (score clamped to 0-5, raw
+    score) for sts."""
+    model.eval()
+    examples = [Example(str(i), tuple(t.strip() for t in texts)) for i, texts in enumerate(rows)]
+    results = []
+    for batch in make_loader(examples, task.collate, batch_size, shuffle=False):
+        output = model(task.name, batch.to(device))
+        predictions = task.predict(output).cpu().tolist()
+        if task.spec.kind == "classification":
+            details = [task.spec.label_names[p] if task.spec.label_names else str(p)
+                       for p in predictions]
+        elif task.spec.kind == "binary":
+            details = torch.sigmoid(output).cpu().tolist()
+        else:
+            details = output.cpu().tolist()
+        results += zip(predictions, details)
+    return results
+
+
+def read_lines(path: str) -> list[str]:
+    if not path:
+        return sys.stdin.read().splitlines()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason})") from None
+
+
+def predict(cfg: PredictConfig) -> list[str]:
+    """Read, predict, write; returns the output lines."""
+    device = choose_device(cfg.use_gpu)
+    model, task = load_model(cfg.load, cfg.task, device, cfg.precision)
+    rows = parse_rows(read_lines(cfg.input), task.spec.pair, cfg.input or STDIN)
+    results = predict_texts(model, task, rows, device, cfg.batch_size)
+    lines = ["\t".join([format_prediction(p), format_prediction(d), *texts])
+             for (p, d), texts in zip(results, rows)]
+    text = "".join(line + "\n" for line in lines)
+    if cfg.output:
+        atomic_write(cfg.output, lambda f: f.write(text))
+    else:
+        sys.stdout.write(text)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    return predict(parse_config(PredictConfig, argv, description=__doc__))
+
+
+def cli() -> int:
+    return run_cli(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
