@@ -195,7 +195,8 @@ def shard_loader(loader: DataLoader, dist: Dist) -> DataLoader:
         return loader
     return DataLoader(loader.dataset, batch_sampler=shard_within_batches(
         loader.batch_sampler, dist.rank, dist.world_size), collate_fn=loader.collate_fn,
-        num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+        num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+        generator=loader.generator)  # each iterator draws a seed from it, as the original did
 
 
 # --- gradient averaging --------------------------------------------------------------------

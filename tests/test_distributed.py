@@ -221,7 +221,12 @@ def ranks(tmp_path_factory):
     if not (torch_dist.is_available() and torch_dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
     out = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(worker, args=(WORLD, free_port(), out), nprocs=WORLD, join=True)
+    # Forked from a parent that has torch and the optimizers' lazy imports (torch._dynamo,
+    # seconds) loaded already: spawning would pay both in each process. The parent holds no
+    # process group, and conftest keeps it to one intra-op thread.
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    mp.start_processes(worker, args=(WORLD, free_port(), out), nprocs=WORLD, join=True,
+                       start_method="fork")
     return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
 
 
@@ -257,3 +262,27 @@ def test_gather_equals_the_single_process_order(ranks):
     items = [f"id{i}" for i in range(7)]
     expected = (items, [i * 0.5 for i in range(7)], [i % 2 for i in range(7)])
     assert all(tuple(r["gathered"]) == expected for r in ranks)
+
+
+class ListCollate:
+    def __call__(self, examples):
+        return [e.id for e in examples]
+
+    def lengths(self, examples):
+        return [len(e.id) for e in examples]
+
+
+@pytest.mark.parametrize("bucket", [False, True])
+def test_shard_loader_splits_make_loaders_batches(bucket):
+    from datasets import Example, make_loader
+    examples = [Example(f"e{i}" * (1 + i % 3), ("x",)) for i in range(13)]
+    make = lambda: make_loader(examples, ListCollate(), 4, shuffle=True, bucket=bucket,  # noqa
+                               seed=1)
+    # 13 = 4 + 4 + 4 + 1: the batch of 1 cannot be split in two and is dropped
+    single = [[b for b in make_epoch if len(b) >= WORLD] for make_epoch in epochs(make())]
+    sharded = [D.shard_loader(make(), D.Dist(r, WORLD, r, torch.device("cpu")))
+               for r in range(WORLD)]
+    per_rank = [[list(loader) for _ in range(2)] for loader in sharded]
+    for epoch in range(2):
+        assert [a + b for a, b in zip(per_rank[0][epoch], per_rank[1][epoch])] == single[epoch]
+    assert single[0] != single[1] and len(sharded[0]) == len(per_rank[0][0]) == 3
