@@ -8,9 +8,11 @@ epoch counter), and each rank takes its part of every global batch:
     world_size contiguous parts, rank r takes part r. The global batch size is the loader's
     batch size (= per-rank batch x world_size). Parts differ by at most one example when the
     global batch does not divide evenly (the epoch's one short batch): the per-rank losses
-    are means over unequal parts, so the gradients are averaged WEIGHTED by part size
-    (all_reduce_grads_(params, count=len(part))), which makes the update exactly the
-    single-process update on the global batch. A global batch with fewer examples than
+    are means over unequal parts, so each rank scales its mean loss by loss_scales(part
+    sizes) = n_r W / n (1.0 for equal parts) and the gradients are then plainly averaged;
+    the update is exactly the single-process update on the global batch (for one set of
+    parameters, all_reduce_grads_(params, count=len(part)) does the same without the
+    scaling). A global batch with fewer examples than
     ranks cannot give every rank an example and is dropped (at most world_size - 1
     examples an epoch; every rank drops it, so all ranks take the same number of steps).
   ShardedBatches (the alternative): rank r takes global batches r, r + W, r + 2W, ...;
