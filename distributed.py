@@ -1,0 +1,300 @@
+"""Data-parallel pieces on PyTorch's own engine (torch.distributed, started by torchrun):
+gloo on the CPU, nccl on CUDA. Without torchrun (WORLD_SIZE unset or 1) everything here is
+a no-op on one process, so the single-process path stays as it was.
+
+Sharding of training batches. All ranks build the SAME global batch order (same seed, same
+epoch counter), and each rank takes its part of every global batch:
+  shard_within_batches (what the trainer uses): every global batch is split into
+    world_size contiguous parts, rank r takes part r. The global batch size is the loader's
+    batch size (= per-rank batch x world_size). Parts differ by at most one example when the
+    global batch does not divide evenly (the epoch's one short batch): the per-rank losses
+    are means over unequal parts, so each rank scales its mean loss by loss_scales(part
+    sizes) = n_r W / n (1.0 for equal parts) and the gradients are then plainly averaged;
+    the update is exactly the single-process update on the global batch (for one set of
+    parameters, all_reduce_grads_(params, count=len(part)) does the same without the
+    scaling). A global batch with fewer examples than
+    ranks cannot give every rank an example and is dropped (at most world_size - 1
+    examples an epoch; every rank drops it, so all ranks take the same number of steps).
+  ShardedBatches (the alternative): rank r takes global batches r, r + W, r + 2W, ...;
+    the len % W tail batches are dropped so that every rank takes len // W steps (padding
+    by repeating batches would count their examples twice in an epoch; the dropped tail
+    changes every epoch with the shuffle). Each step then covers W whole batches, which is
+    not the same update as one process on one of them, so equivalence tests use the other.
+
+Evaluation: every rank predicts a contiguous shard (shard_range) of the ordered split and
+gather_predictions concatenates the shards in rank order: the dev set is covered exactly
+once, in file order.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+import torch.distributed as torch_dist
+from torch.utils.data import BatchSampler, DataLoader, Sampler
+
+
+# --- process group -------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(use_gpu: bool) -> Dist:
+    """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): one
+    process group, nccl with one GPU per process (cuda:LOCAL_RANK) or gloo on the CPU.
+    Without WORLD_SIZE > 1: one process, no process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = use_gpu and torch.cuda.is_available()
+    if world_size <= 1:
+        return Dist(0, 1, 0, torch.device("cuda" if cuda else "cpu"))
+    rank = int(os.environ["RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not torch_dist.is_initialized():
+        kwargs = {"device_id": device} if cuda else {}
+        torch_dist.init_process_group("nccl" if cuda else "gloo", rank=rank,
+                                      world_size=world_size, **kwargs)
+    return Dist(rank, world_size, local_rank, device)
+
+
+def active() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized() \
+        and torch_dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if active():
+        torch_dist.barrier()
+
+
+def shutdown() -> None:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+# --- sharding of training batches ----------------------------------------------------------
+
+def split_sizes(n: int, world_size: int) -> list[int]:
+    """n split into world_size contiguous parts differing by at most one (first ones larger)."""
+    return [n // world_size + (r < n % world_size) for r in range(world_size)]
+
+
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """Rank `rank`'s contiguous part of range(n); the parts cover it once, in order."""
+    sizes = split_sizes(n, world_size)
+    start = sum(sizes[:rank])
+    return range(start, start + sizes[rank])
+
+
+class WithinBatchShards(Sampler[list[int]]):
+    """Rank r's contiguous part of every global batch of `batch_sampler` (see the module
+    docstring). Iterating it iterates the wrapped sampler once (a BucketBatchSampler's
+    epoch counter advances as on one process)."""
+
+    def __init__(self, batch_sampler: Iterable[list[int]], rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a world of {world_size}")
+        self.batch_sampler, self.rank, self.world_size = batch_sampler, rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batch_sampler:
+            batch = list(batch)
+            if len(batch) < self.world_size:
+                continue  # not every rank would get an example: dropped on every rank
+            part = shard_range(len(batch), self.rank, self.world_size)
+            yield batch[part.start:part.stop]
+
+    def __len__(self) -> int:
+        sizes = _batch_sizes(self.batch_sampler)
+        if sizes is None:
+            raise TypeError(f"no length without iterating {type(self.batch_sampler).__name__}")
+        return sum(size >= self.world_size for size in sizes)
+
+
+def _batch_sizes(batch_sampler) -> list[int] | None:
+    """The global batch sizes of an epoch, without iterating (that would advance an epoch
+    counter), for the samplers this project builds: full batches and one remainder (a
+    torch BatchSampler's last batch; BucketBatchSampler cuts chunks that are whole
+    multiples of the batch size, so it too has one short batch, somewhere in the order)."""
+    size = getattr(batch_sampler, "batch_size", None)
+    if isinstance(batch_sampler, BatchSampler):
+        total, drop_last = len(batch_sampler.sampler), batch_sampler.drop_last
+    elif hasattr(batch_sampler, "lengths") and size:  # datasets.BucketBatchSampler
+        total, drop_last = len(batch_sampler.lengths), False
+    elif hasattr(batch_sampler, "num_examples") and size:  # ShuffledBatches
+        total, drop_last = batch_sampler.num_examples, False
+    else:
+        return None
+    full, rest = divmod(total, size)
+    return [size] * full + ([rest] if rest and not drop_last else [])
+
+
+def shard_within_batches(batch_sampler: Iterable[list[int]], rank: int,
+                         world_size: int) -> WithinBatchShards:
+    return WithinBatchShards(batch_sampler, rank, world_size)
+
+
+class ShardedBatches(Sampler[list[int]]):
+    """Rank r takes global batches r, r + W, ...; the len % W tail batches are dropped so
+    every rank yields len // W batches (see the module docstring)."""
+
+    def __init__(self, batch_sampler: Iterable[list[int]], rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a world of {world_size}")
+        self.batch_sampler, self.rank, self.world_size = batch_sampler, rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler) // self.world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = list(self.batch_sampler)  # the whole epoch: the wrapped state advances once
+        kept = len(batches) - len(batches) % self.world_size
+        return iter(batches[self.rank:kept:self.world_size])
+
+
+class ShuffledBatches(Sampler[list[int]]):
+    """The non-bucketed shuffle as a batch sampler with an epoch counter like
+    BucketBatchSampler's: a seeded permutation per epoch, cut into batches."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int = 0):
+        self.num_examples, self.batch_size, self.seed, self.epoch = num_examples, batch_size, seed, 0
+
+    def __len__(self) -> int:
+        return -(-self.num_examples // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(self.num_examples, generator=generator).tolist()
+        return iter([order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)])
+
+
+def shard_loader(loader: DataLoader, dist: Dist) -> DataLoader:
+    """A training loader of datasets.make_loader (bucketed or plain shuffle), split within
+    each of its batches for this rank. The loader's batch size is the GLOBAL batch size.
+    The wrapped batch sampler (and its generator or epoch counter) is the loader's own, so
+    the global order is exactly the single-process loader's. Identity on one process."""
+    if dist.world_size == 1:
+        return loader
+    return DataLoader(loader.dataset, batch_sampler=shard_within_batches(
+        loader.batch_sampler, dist.rank, dist.world_size), collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+        generator=loader.generator)  # each iterator draws a seed from it, as the original did
+
+
+# --- gradient averaging --------------------------------------------------------------------
+
+def all_reduce_mean_(tensor: torch.Tensor, count: float | torch.Tensor | None = None) -> torch.Tensor:
+    """In place: the mean of `tensor` over ranks; with `count` (this rank's number of
+    examples, a number or one per row of `tensor`) the count-weighted mean
+    sum_r c_r t_r / sum_r c_r, a row whose total count is 0 becoming 0. No-op on one process."""
+    if not active():
+        return tensor
+    if count is None:
+        torch_dist.all_reduce(tensor)
+        return tensor.div_(torch_dist.get_world_size())
+    counts = torch.as_tensor(count, dtype=tensor.dtype, device=tensor.device).clone()
+    if counts.dim():  # one count per row
+        counts = counts.view((-1,) + (1,) * (tensor.dim() - 1))
+    tensor.mul_(counts)
+    torch_dist.all_reduce(tensor)
+    torch_dist.all_reduce(counts)
+    return tensor.div_(counts.clamp(min=1e-30)).mul_(counts > 0)
+
+
+def loss_scales(counts: Sequence[int]) -> list[float]:
+    """One factor per task for this rank's mean losses, from this rank's part sizes
+    `counts` (one per task): n_r W / sum_r n_r, so that the plain mean of the gradients
+    over ranks is exactly the gradient of the mean loss over the global batch even when
+    the parts are unequal (1.0 when they are equal). One small all-reduce."""
+    if not active():
+        return [1.0] * len(counts)
+    local = torch.tensor(list(counts), dtype=torch.float64, device=_collective_device())
+    total = local.clone()
+    torch_dist.all_reduce(total)
+    scale = local * torch_dist.get_world_size() / total.clamp(min=1)
+    return scale.tolist()
+
+
+def _collective_device() -> torch.device:
+    """nccl reduces CUDA tensors only."""
+    if torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def grads_with_values(params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    return [p for p in params if p.grad is not None]
+
+
+def all_reduce_grads_(params: Iterable[torch.nn.Parameter], count: float | None = None) -> None:
+    """The .grad of `params` averaged over ranks (count-weighted with `count`) in ONE
+    collective over a flat buffer. Parameters without a gradient are skipped: which ones
+    have none must be the same on every rank (it is: every rank runs the same tasks)."""
+    if not active():
+        return
+    params = grads_with_values(params)
+    if not params:
+        return
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    all_reduce_mean_(flat, count)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+@torch.no_grad()
+def broadcast_parameters_(module: torch.nn.Module, src: int = 0) -> None:
+    """Rank `src`'s parameters and buffers on every rank, so that all start identical."""
+    if not active():
+        return
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        torch_dist.broadcast(tensor.data, src)
+
+
+# --- evaluation ----------------------------------------------------------------------------
+
+def gather_predictions(ids: Sequence, values: Sequence, labels: Sequence
+                       ) -> tuple[list, list, list]:
+    """Each rank's predictions on its shard_range of an ordered split -> the whole split's
+    lists in the original order, on every rank (all_gather_object, then concatenation in
+    rank order). Identity on one process."""
+    if not active():
+        return list(ids), list(values), list(labels)
+    parts: list = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(parts, (list(ids), list(values), list(labels)))
+    return tuple([x for part in parts for x in part[i]] for i in range(3))
+
+
+# --- benchmark accounting ------------------------------------------------------------------
+
+def allreduce_bytes(num_elements: int, dtype: torch.dtype = torch.float32) -> int:
+    """Payload of one all-reduce of `num_elements` values of `dtype`."""
+    return num_elements * torch.empty((), dtype=dtype).element_size()
+
+
+def ring_bytes_per_rank(payload: int, world_size: int) -> float:
+    """What each rank sends (and receives) in a ring all-reduce of `payload` bytes:
+    2 (W - 1) / W x payload (reduce-scatter, then all-gather)."""
+    return 2 * (world_size - 1) / world_size * payload if world_size > 1 else 0.0
