@@ -70,6 +70,11 @@ class RunConfig:
     save_every_steps: int = field(default=500, metadata=_help(
         "also save the resumable state (last.pt) every N steps (0: only after each epoch); "
         "500 steps are ~8 min of the full recipe on a 2-core CPU"))
+    log_every_steps: int = field(default=10, metadata=_help(
+        "append the mean task losses (and gradient statistics) of every N steps to "
+        "steps.jsonl (0: off)"))
+    tensorboard: bool = field(default=False, metadata=_help(
+        "also write steps.jsonl's records as TensorBoard events (RUN/tensorboard)"))
     resume: str = field(default="", metadata=_help(
         "continue the interrupted run in this folder, with its saved configuration"))
     config: str = field(default="", metadata=_help(

@@ -26,6 +26,7 @@ from evaluation import Predictions, dev_scores, overall, predict_all
 from heads import MultitaskBERT
 from optimizer import AdamW
 from pcgrad import PCGrad
+from steplog import StepLog
 from runfiles import (CHECKPOINT_FILE, LAST_FILE, METRICS_FILE, SUMMARY_FILE, append_jsonl,
                       read_jsonl, write_json)
 from tasks import Task
@@ -91,6 +92,7 @@ class Trainer:
         self.diagnostics = GradDiagnostics(tasks)
         self.stop_signal = 0
         self.has_saved_state = False
+        self.steps = StepLog(run_dir, [t.name for t in tasks], cfg.log_every_steps, cfg.tensorboard)
         self.setup_optimizers()
 
     # --- setup ---------------------------------------------------------------------------
@@ -127,6 +129,7 @@ class Trainer:
         if resume:
             load_state(self, self.last_path)
             self.restore_metrics_line()
+            self.steps.drop_after(self.state.global_step)
         previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.state.epoch <= self.cfg.epochs:
@@ -167,14 +170,16 @@ class Trainer:
             for stream in streams:
                 stream.new_pass()
         optimizer, scheduler = self.optimizers["mix"]
-        for step in self.progress(range(self.state.step, self.steps_per_epoch), f"epoch {epoch} mix",
-                                  initial=self.state.step, total=self.steps_per_epoch):
+        bar = self.progress(range(self.state.step, self.steps_per_epoch), f"epoch {epoch} mix",
+                            initial=self.state.step, total=self.steps_per_epoch)
+        for _ in bar:
             batches = [stream.next().to(self.device) for stream in streams]
             losses, gram = self.guarded(mix_step, self.model, self.tasks, batches, optimizer,
                                         self.surgery)
-            scheduler.step()
             self.state.totals = [t + loss for t, loss in zip(self.state.totals, losses)]
             self.diagnostics.add(gram)
+            self.log_step(bar, scheduler, losses, gram)
+            scheduler.step()
             self.state.advance()
             self.after_step()
         steps = self.steps_per_epoch
@@ -196,14 +201,25 @@ class Trainer:
         stream, (optimizer, scheduler) = self.streams[task.name], self.optimizers[task.name]
         if self.state.step == 0:
             stream.new_pass()
-        for _ in self.progress(range(self.state.step, len(stream)), f"epoch {epoch} {task.name}",
-                               initial=self.state.step, total=len(stream)):
+        bar = self.progress(range(self.state.step, len(stream)), f"epoch {epoch} {task.name}",
+                            initial=self.state.step, total=len(stream))
+        for _ in bar:
             losses, _ = self.guarded(mix_step, self.model, [task], [stream.next().to(self.device)],
                                      optimizer)
-            scheduler.step()
             self.state.totals[index] += losses[0]
+            self.log_step(bar, scheduler, [losses[0] if i == index else math.nan
+                                           for i in range(len(self.tasks))], None)
+            scheduler.step()
             self.state.advance()
             self.after_step()
+
+    def log_step(self, bar, scheduler, losses: list[float], gram) -> None:
+        """steps.jsonl (and TensorBoard) every --log_every_steps steps; the bar shows the
+        running task losses."""
+        record = self.steps.add(self.state.global_step + 1, self.state.epoch,
+                                scheduler.get_last_lr()[0], losses, gram)
+        if record is not None and self.cfg.progress:
+            bar.set_postfix({k: f"{v:.3f}" for k, v in record["loss"].items() if math.isfinite(v)})
 
     def guarded(self, step: Callable, *args):
         try:

@@ -30,8 +30,14 @@ def metrics(run_dir):
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
 
 
+def steps(run_dir):
+    with open(os.path.join(run_dir, "steps.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def assert_same_run(resumed, reference):
     assert metrics(resumed) == metrics(reference)
+    assert steps(resumed) == steps(reference)  # the live log holds each step once
     a = torch.load(os.path.join(resumed, "best.pt"), weights_only=True)
     b = torch.load(os.path.join(reference, "best.pt"), weights_only=True)
     assert a["epoch"] == b["epoch"] and a["model"].keys() == b["model"].keys()
@@ -45,7 +51,7 @@ def assert_same_run(resumed, reference):
 
 # 24 examples in batches of 4: 6 steps an epoch; with --save_every_steps 4 the saves are
 # after step 4, at the end of epoch 1 (step 6), after step 8 (epoch 2, step 2), ...
-EXTRA = ["--epochs", "3", "--save_every_steps", "4"]
+EXTRA = ["--epochs", "3", "--save_every_steps", "4", "--log_every_steps", "3"]
 
 
 @pytest.fixture(scope="module")

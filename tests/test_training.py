@@ -57,6 +57,22 @@ def test_modes_train_and_write_results(tiny_checkpoint, tiny_data, tmp_path, ext
                      "sts-dev-output.csv", "sts-test-output.csv"]
 
 
+def test_steps_jsonl_is_a_live_log(tiny_checkpoint, tiny_data, tmp_path):
+    run_dir = mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "run", "--epochs", "2",
+                                "--log_every_steps", "2", "--pcgrad"))
+    with open(os.path.join(run_dir, "steps.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]  # 6 steps an epoch
+    assert [r["epoch"] for r in records] == [1, 1, 1, 2, 2, 2]
+    first = records[0]
+    assert set(first["loss"]) == set(first["grad_norm"]) == {"sst", "quora", "sts"}
+    assert set(first["cos"]) == {"sst/quora", "sst/sts", "quora/sts"}
+    assert all(-1 <= c <= 1 for c in first["cos"].values()) and first["lr"] == 3e-3
+    # the mean of the logged windows is the epoch's mean loss
+    epoch1 = epochs(run_dir)[0]["train_loss"]["sst"]
+    assert sum(r["loss"]["sst"] for r in records[:3]) / 3 == pytest.approx(epoch1)
+
+
 def test_a_subset_of_tasks_trains_alone(tiny_checkpoint, tiny_data, tmp_path):
     run_dir = mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "run", "--epochs", "1",
                                 "--tasks", "quora,sts", "--pcgrad"))

@@ -1,0 +1,67 @@
+"""Live per-step logs of a run: steps.jsonl (appended and flushed every N steps, never
+rewritten while the run goes on) and, optionally, the same as TensorBoard events."""
+from __future__ import annotations
+
+import math
+import os
+
+from errors import ConfigError
+from runfiles import atomic_write, read_jsonl, to_json
+
+STEPS_FILE = "steps.jsonl"
+
+
+class StepLog:
+    """Averages each task's loss over `every` steps, then writes one record with the
+    step, the learning rate and, when a Gram matrix was computed, gradient norms and cosines."""
+
+    def __init__(self, run_dir: str, task_names: list[str], every: int, tensorboard: bool = False):
+        self.path = os.path.join(run_dir, STEPS_FILE)
+        self.names, self.every = task_names, every
+        self.sums, self.count = [0.0] * len(task_names), 0
+        self.writer = open_tensorboard(run_dir) if tensorboard else None
+
+    def drop_after(self, step: int) -> None:
+        """On resume: the lines of steps the resumed run will do again."""
+        if os.path.exists(self.path):
+            kept = [r for r in read_jsonl(self.path) if r["step"] <= step]
+            atomic_write(self.path, lambda f: f.writelines(to_json(r) + "\n" for r in kept))
+
+    def add(self, step: int, epoch: int, lr: float, losses: list[float], gram=None) -> dict | None:
+        """Returns the record when one is written (every `every` steps)."""
+        self.sums = [s + loss for s, loss in zip(self.sums, losses)]
+        self.count += 1
+        if not self.every or self.count < self.every:
+            return None
+        record = {"step": step, "epoch": epoch, "lr": lr,
+                  "loss": {n: s / self.count for n, s in zip(self.names, self.sums)}}
+        if gram is not None:
+            norms = gram.diagonal().clamp(min=0).sqrt().tolist()
+            record["grad_norm"] = dict(zip(self.names, norms))
+            record["cos"] = {f"{self.names[i]}/{self.names[j]}":
+                             gram[i, j].item() / max(norms[i] * norms[j], 1e-30)
+                             for i in range(len(norms)) for j in range(i + 1, len(norms))}
+        self.write(record)
+        self.sums, self.count = [0.0] * len(self.names), 0
+        return record
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(to_json(record) + "\n")
+            f.flush()
+        if self.writer is not None:
+            for group in ("loss", "grad_norm", "cos"):
+                for name, value in record.get(group, {}).items():
+                    if math.isfinite(value):
+                        self.writer.add_scalar(f"{group}/{name}", value, record["step"])
+            self.writer.add_scalar("lr", record["lr"], record["step"])
+            self.writer.flush()
+
+
+def open_tensorboard(run_dir: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install -c "
+                          "requirements.txt -r requirements-extras.txt") from None
+    return SummaryWriter(os.path.join(run_dir, "tensorboard"))
