@@ -50,7 +50,13 @@ GRID_ARGS ?= --epochs 3 --subsample 1000 --finetune_lr 5e-5 --pretrain_lr 1e-3 \
 grid: setup data
 	$(BIN)/python grid.py $(GRID_ARGS)
 
-test: setup
+# The tests also check exports against transformers and sentence-transformers, and
+# --tensorboard: requirements-extras.txt, installed with the pinned torch as a constraint.
+$(VENV)/.installed-extras: $(VENV)/.installed requirements-extras.txt
+	$(BIN)/pip install -q --disable-pip-version-check -c requirements.txt -r requirements-extras.txt
+	touch $@
+
+test: $(VENV)/.installed-extras
 	$(BIN)/python -m pytest -q tests
 
 bench: setup data

@@ -182,3 +182,16 @@ def test_heads_get_their_own_learning_rate_on_the_shared_schedule():
     same, _ = make_optimizer(encoder.parameters(), head.parameters(),
                              mtc.MultitaskConfig(epochs=1, lr=1e-5), 10)
     assert [g["lr"] for g in same.param_groups] == [1e-5, 1e-5]
+
+
+def test_tensorboard_gets_the_step_records(tiny_checkpoint, tiny_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_dir = mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "run", "--epochs", "1",
+                                "--log_every_steps", "3", "--tensorboard"))
+    events = EventAccumulator(os.path.join(run_dir, "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/sst")] == [3, 6]
+    with open(os.path.join(run_dir, "steps.jsonl")) as f:
+        logged = [json.loads(line)["loss"]["sst"] for line in f]
+    assert [e.value for e in events.Scalars("loss/sst")] == pytest.approx(logged)
