@@ -21,6 +21,13 @@ class StepLog:
         self.sums, self.count = [0.0] * len(task_names), 0
         self.writer = open_tensorboard(run_dir) if tensorboard else None
 
+    def state_dict(self) -> dict:
+        """The window in progress: a resumed run's records equal an uninterrupted run's."""
+        return {"sums": list(self.sums), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.count = list(state["sums"]), state["count"]
+
     def drop_after(self, step: int) -> None:
         """On resume: the lines of steps the resumed run will do again."""
         if os.path.exists(self.path):

@@ -94,6 +94,7 @@ def save_state(trainer, path: str) -> None:
         "streams": {name: stream.state_dict() for name, stream in trainer.streams.items()},
         "progress": asdict(trainer.state),
         "diagnostics": trainer.diagnostics.state_dict(),
+        "steplog": trainer.steps.state_dict(),
         **{name: part.state_dict() for name, part in parts.items() if part is not None},
         "rng": rng_states(),
         "config": trainer.checkpoint_extra["config"],
@@ -111,6 +112,7 @@ def load_state(trainer, path: str) -> None:
         stream.load_state_dict(saved["streams"][name])
     trainer.state = Progress(**saved["progress"])
     trainer.diagnostics.load_state_dict(saved["diagnostics"])
+    trainer.steps.load_state_dict(saved["steplog"])
     for name in ("aggregator", "balancer"):
         part = getattr(trainer, name)
         if part is not None and name in saved:
