@@ -5,8 +5,9 @@ folder per configuration x seed, then writes the table and figures with report.p
                    [--finetune_lr 5e-5] [--pretrain_lr 1e-3] [--runs_dir runs/grid]
                    [--extra="--precision bf16"]
 
-Resumable: a run folder with summary.json is done and skipped; one without it was
-interrupted, so it is removed and run again from scratch.
+Resumable: a run folder with summary.json is done and skipped; an interrupted one is
+continued from its last.pt (--resume); one that stopped before its first save is removed
+and run again from scratch.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import report
 from cli import build_parser, run_cli
 from errors import ConfigError
 from results import config_name, config_slug
-from runfiles import CONFIG_FILE, SUMMARY_FILE, read_json
+from runfiles import CONFIG_FILE, LAST_FILE, SUMMARY_FILE, read_json
 
 DATA_DIR_ENV = "MINBERT_DATA_DIR"  # the same variable the data loaders read
 AUX_FILE = "yelp-aux-train.csv"
@@ -155,7 +156,7 @@ def config_differences(saved: dict, wanted) -> dict:
 
 
 def check_same_run(run_dir: str, argv: list[str]) -> None:
-    """A finished folder counts as done only if it ran exactly what is asked now; a changed
+    """A finished (or resumable) folder counts only if it ran exactly what is asked now; a changed
     lr, --extra, data folder or checkpoint must never reuse old numbers."""
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(path):
@@ -163,7 +164,7 @@ def check_same_run(run_dir: str, argv: list[str]) -> None:
     differ = config_differences(read_json(path), trainer_config(argv))
     if differ:
         listed = "; ".join(f"{k}: {found!r} there, {want!r} now" for k, (found, want) in differ.items())
-        raise ConfigError(f"{run_dir} is a finished run with other settings ({listed}); "
+        raise ConfigError(f"{run_dir} is a run with other settings ({listed}); "
                           "remove it or use another --runs_dir")
 
 
@@ -190,8 +191,12 @@ def run_grid(opts: GridOptions, runner: Runner | None = None) -> dict:
             check_same_run(run_dir, argv)
             print(f"{label}: done, skipping")
             continue
-        if os.path.exists(run_dir):
-            print(f"{label}: {run_dir} has no summary.json (interrupted), rerunning from scratch")
+        if os.path.isfile(os.path.join(run_dir, LAST_FILE)):
+            check_same_run(run_dir, argv)
+            print(f"{label}: {run_dir} was interrupted, resuming from its {LAST_FILE}", flush=True)
+            argv = ["--resume", run_dir]
+        elif os.path.exists(run_dir):
+            print(f"{label}: {run_dir} stopped before its first save, rerunning from scratch")
             shutil.rmtree(run_dir)
         print(f"{label} -> {run_dir}", flush=True)
         finished = runner(argv) or run_dir

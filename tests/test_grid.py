@@ -74,7 +74,31 @@ def test_interrupted_run_is_rerun_from_scratch(tmp_path, capsys):
     assert [value(a, "--run_dir") for a in trainer.calls] == [interrupted]
     assert not os.path.exists(os.path.join(interrupted, "stale.txt"))
     assert os.path.isfile(os.path.join(interrupted, "summary.json"))
-    assert "interrupted" in capsys.readouterr().out
+    assert "stopped before its first save" in capsys.readouterr().out
+
+
+def test_interrupted_run_with_a_saved_state_is_resumed(tmp_path, capsys):
+    runs = str(tmp_path / "grid")
+    argv = ["--rows", "finetune-mix-0.3", "--runs_dir", runs, "--epochs", "1"]
+    grid.main(argv, runner=FakeTrainer())
+    interrupted = os.path.join(runs, "finetune-mix-0.3-seed0")
+    os.remove(os.path.join(interrupted, "summary.json"))
+    open(os.path.join(interrupted, "last.pt"), "wb").close()
+    calls = []
+
+    def resume(call):
+        calls.append(call)
+        os.remove(os.path.join(interrupted, "last.pt"))
+        with open(os.path.join(interrupted, "summary.json"), "w") as f:
+            json.dump({"epochs": 1}, f)
+        return interrupted
+    grid.main(argv, runner=resume)
+    assert calls == [["--resume", interrupted]]
+    assert "resuming from its last.pt" in capsys.readouterr().out
+    open(os.path.join(interrupted, "last.pt"), "wb").close()
+    os.remove(os.path.join(interrupted, "summary.json"))
+    with pytest.raises(ConfigError, match="epochs: 1 there, 2 now"):  # never resumed as another run
+        grid.main(argv[:-1] + ["2"], runner=refuse)
 
 
 def test_argv_of_every_table1_row(tmp_path):
