@@ -35,6 +35,8 @@ import torch
 import torch.distributed as torch_dist
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
+from datasets import ShuffledBatches
+
 
 # --- process group -------------------------------------------------------------------------
 
@@ -140,8 +142,8 @@ def _batch_sizes(batch_sampler) -> list[int] | None:
         total, drop_last = len(batch_sampler.sampler), batch_sampler.drop_last
     elif hasattr(batch_sampler, "lengths") and size:  # datasets.BucketBatchSampler
         total, drop_last = len(batch_sampler.lengths), False
-    elif hasattr(batch_sampler, "num_examples") and size:  # ShuffledBatches
-        total, drop_last = batch_sampler.num_examples, False
+    elif isinstance(batch_sampler, ShuffledBatches):
+        total, drop_last = batch_sampler.size, False
     else:
         return None
     full, rest = divmod(total, size)
@@ -169,23 +171,6 @@ class ShardedBatches(Sampler[list[int]]):
         batches = list(self.batch_sampler)  # the whole epoch: the wrapped state advances once
         kept = len(batches) - len(batches) % self.world_size
         return iter(batches[self.rank:kept:self.world_size])
-
-
-class ShuffledBatches(Sampler[list[int]]):
-    """The non-bucketed shuffle as a batch sampler with an epoch counter like
-    BucketBatchSampler's: a seeded permutation per epoch, cut into batches."""
-
-    def __init__(self, num_examples: int, batch_size: int, seed: int = 0):
-        self.num_examples, self.batch_size, self.seed, self.epoch = num_examples, batch_size, seed, 0
-
-    def __len__(self) -> int:
-        return -(-self.num_examples // self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
-        order = torch.randperm(self.num_examples, generator=generator).tolist()
-        return iter([order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)])
 
 
 def shard_loader(loader: DataLoader, dist: Dist) -> DataLoader:

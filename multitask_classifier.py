@@ -29,11 +29,6 @@ def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
 
 
-def _task_fields(prefix: str, defaults: dict, help_text: str) -> dict:
-    return {f"{prefix}_{name}": field(default=value, metadata=_help(help_text.format(name)))
-            for name, value in defaults.items()}
-
-
 @dataclass
 class MultitaskConfig(run.RunConfig):
     mode: str = field(default="mix", metadata=_help(

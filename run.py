@@ -18,7 +18,7 @@ from datasets import default_data_dir
 from errors import CheckpointError, ConfigError
 from evaluation import Predictions, dev_scores, predict_all
 from heads import POOLINGS, MultitaskBERT
-from runfiles import (CHECKPOINT_FILE, CONFIG_FILE, LAST_FILE, SUMMARY_FILE, holds_run, read_json,
+from runfiles import (CONFIG_FILE, LAST_FILE, SUMMARY_FILE, holds_run, read_json,
                       start_run_dir)
 from tasks import SPLITS, Task
 from tokenizer import BertTokenizer
@@ -252,6 +252,3 @@ def evaluate_saved(load: str, cfg: RunConfig, make_tasks: MakeTasks, saved: dict
         p.write(run_dir)
     return predictions, dev_scores(predictions)
 
-
-def best_checkpoint(run_dir: str) -> str:
-    return os.path.join(run_dir, CHECKPOINT_FILE)

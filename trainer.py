@@ -27,7 +27,7 @@ from heads import MultitaskBERT
 from optimizer import AdamW
 from pcgrad import PCGrad
 from steplog import StepLog
-from runfiles import (CHECKPOINT_FILE, LAST_FILE, METRICS_FILE, SUMMARY_FILE, append_jsonl,
+from runfiles import (CHECKPOINT_FILE, DIVERGED_FILE, LAST_FILE, METRICS_FILE, SUMMARY_FILE, append_jsonl,
                       read_jsonl, write_json)
 from tasks import Task
 from trainer_state import Diverged, NonFinite, Progress, check_finite, load_state, save_state
@@ -225,7 +225,9 @@ class Trainer:
         try:
             return step(*args)
         except NonFinite as err:
-            raise Diverged(err, self) from None
+            stop = Diverged(err, self)
+            write_json(os.path.join(self.run_dir, DIVERGED_FILE), stop.record)  # report.py reads it
+            raise stop from None
 
     def progress(self, iterable, desc: str, **kwargs):
         return tqdm(iterable, desc=desc, leave=False, disable=not self.cfg.progress,

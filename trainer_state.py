@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from errors import UserError
-from runfiles import DIVERGED_FILE, write_json
 from utils import load_checkpoint, save_checkpoint
 
 STATE_FORMAT = 1
@@ -62,8 +61,8 @@ class Diverged(UserError):
         message = (f"{err.what} became {err.value} at epoch {state.epoch}, step {state.step + 1}, "
                    f"task {err.task} (lr {cfg.lr:g}); last good checkpoint: {last}")
         super().__init__(message)
-        write_json(f"{trainer.run_dir}/{DIVERGED_FILE}", {"message": message, "epoch": state.epoch,
-                                                          "step": state.step + 1, "task": err.task})
+        self.record = {"message": message, "epoch": state.epoch, "step": state.step + 1,
+                       "task": err.task}
 
 
 def rng_states() -> dict:

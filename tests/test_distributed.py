@@ -11,7 +11,7 @@ from torch.utils.data import BatchSampler, RandomSampler
 
 import distributed as D
 import pcgrad
-from datasets import BucketBatchSampler
+from datasets import BucketBatchSampler, ShuffledBatches
 from optimizer import AdamW
 
 WORLD = 2
@@ -26,7 +26,7 @@ def global_samplers(n=23, batch=4):
         "bucket": lambda: BucketBatchSampler(lengths, batch, seed=3, chunk_batches=2),
         "shuffle": lambda: BatchSampler(RandomSampler(range(n), generator=torch.Generator()
                                                       .manual_seed(3)), batch, False),
-        "shuffled_batches": lambda: D.ShuffledBatches(n, batch, seed=3),
+        "shuffled_batches": lambda: ShuffledBatches(n, batch, seed=3),
     }
 
 
@@ -52,7 +52,7 @@ def test_within_batch_shards_split_every_global_batch(kind):
 
 
 def test_within_batch_drops_a_batch_smaller_than_the_world():
-    make = lambda: D.ShuffledBatches(9, 4, seed=0)  # noqa: E731  4, 4, 1
+    make = lambda: ShuffledBatches(9, 4, seed=0)  # noqa: E731  4, 4, 1
     shards = [D.shard_within_batches(make(), r, WORLD) for r in range(WORLD)]
     parts = [list(s) for s in shards]
     assert [len(p) for p in parts] == [2, 2] == [len(s) for s in shards]
@@ -129,7 +129,7 @@ def train_plain(optimizer_name, rank=0, world=1, steps=3):
     D.broadcast_parameters_(model)
     opt = (torch.optim.SGD(model.parameters(), lr=0.1) if optimizer_name == "sgd"
            else AdamW(model.parameters(), lr=0.01, weight_decay=0.01))
-    sampler = D.shard_within_batches(D.ShuffledBatches(11, 4, seed=2), rank, world)
+    sampler = D.shard_within_batches(ShuffledBatches(11, 4, seed=2), rank, world)
     for _, part in zip(range(steps), sampler):
         opt.zero_grad(set_to_none=True)
         scale, = D.loss_scales([len(part)])
@@ -162,7 +162,7 @@ def train_pcgrad(rank=0, world=1, steps=3):
     model = MultiTask()
     surgery = pcgrad.PCGrad(model.encoder.parameters(), 2, project=True, seed=0)
     opt = AdamW(model.parameters(), lr=0.01)
-    samplers = [D.shard_within_batches(D.ShuffledBatches(11, b, seed=k), rank, world)
+    samplers = [D.shard_within_batches(ShuffledBatches(11, b, seed=k), rank, world)
                 for k, b in enumerate((4, 6))]  # 4,4,3 / 6,5: uneven parts in both
     grams = []
     for _, parts in zip(range(steps), zip(*(forever(s) for s in samplers))):
