@@ -37,7 +37,8 @@ DESCRIPTION = "Run the Table 1 grid (resumably), then write its table and figure
 @dataclass
 class GridOptions:
     rows: str = field(default="all", metadata={
-        "help": "rows to run, by slug or display name (e.g. finetune-mix-pcgrad-0.3), or 'all'"})
+        "help": "rows to run, by slug or display name (e.g. finetune-mix-pcgrad-0.3), or 'all'; "
+                "'methods' runs the comparison of aggregators and balancings instead"})
     seeds: str = field(default="0", metadata={"help": "seeds, e.g. --seeds 0 1 2"})
     epochs: int = field(default=3, metadata={"help": "training epochs per run"})
     subsample: int = field(default=0, metadata={"help": "per-task training-set cap (0: all)"})
@@ -92,6 +93,30 @@ def table1_rows(aux_path: str) -> list[dict]:
             + [row("finetune", "mix", p, aux=True) for p in (0.3, 0.5)])
 
 
+# The comparison of gradient-combination methods (`--rows methods`): finetune-mix with each
+# aggregator, each loss balancing, and the hand-tuned recipe's loss weights and lr.
+AGGREGATOR_ROWS = ("sum", "pcgrad", "mgda", "imtl_g", "cagrad", "nash_mtl", "aligned_mtl",
+                   "upgrad", "dualproj", "rlw")
+BALANCE_ROWS = ("uncertainty", "dwa", "grad_norm")
+RECIPE = {"weight_quora": 2.0, "weight_sts": 0.5, "lr": 8e-5}
+
+
+def methods_rows(dropout: float = 0.3) -> list[dict]:
+    def row(**changes):
+        return {"option": "finetune", "mode": "mix", "pcgrad": False, "aux": "",
+                "hidden_dropout_prob": dropout, "aggregator": "sum", "balance": "none", **changes}
+    return ([row(aggregator=a, pcgrad=a == "pcgrad") for a in AGGREGATOR_ROWS]
+            + [row(balance=b) for b in BALANCE_ROWS] + [row(**RECIPE)])
+
+
+def grid_rows(wanted: str, aux_path: str) -> list[dict]:
+    """`--rows methods` (or `methods ROW...`): the methods comparison; else Table 1's rows."""
+    names = split_list(wanted.lower(), r"[,\s]+")
+    if names[:1] == ["methods"]:
+        return select_rows(methods_rows(), " ".join(names[1:]) or "all")
+    return select_rows(table1_rows(aux_path), wanted)
+
+
 def select_rows(rows: list[dict], wanted: str) -> list[dict]:
     """Rows named in `wanted` (slugs or display names, case-insensitive), in table order."""
     known = {config_slug(r).lower(): r for r in rows}
@@ -116,11 +141,18 @@ def trainer_argv(row: dict, seed: int, run_dir: str, opts: GridOptions) -> list[
         argv.append("--pcgrad")
     if row["aux"]:
         argv += ["--aux", row["aux"]]
+    if row.get("aggregator", "sum") not in ("sum", "pcgrad"):
+        argv += ["--aggregator", row["aggregator"]]
+    if row.get("balance", "none") != "none":
+        argv += ["--balance", row["balance"]]
+    for key in ("weight_sst", "weight_quora", "weight_sts"):
+        if key in row:
+            argv += [f"--{key}", str(row[key])]
     argv += ["--hidden_dropout_prob", str(row["hidden_dropout_prob"]), "--epochs", str(opts.epochs),
              "--seed", str(seed), "--run_dir", run_dir, "--data_dir", data_dir(opts)]
     if opts.subsample > 0:
         argv += ["--subsample", str(opts.subsample)]
-    lr = opts.pretrain_lr if row["option"] == "pretrain" else opts.finetune_lr
+    lr = row.get("lr") or (opts.pretrain_lr if row["option"] == "pretrain" else opts.finetune_lr)
     if lr > 0:
         argv += ["--lr", str(lr)]
     if opts.checkpoint:
@@ -177,7 +209,7 @@ def run_grid(opts: GridOptions, runner: Runner | None = None) -> dict:
     """Runs what is missing, then writes RUNS_DIR/report; returns report.write_report's dict."""
     runner = runner or default_runner()
     aux_path = opts.aux or os.path.join(data_dir(opts), AUX_FILE)
-    rows = select_rows(table1_rows(aux_path), opts.rows)
+    rows = grid_rows(opts.rows, aux_path)
     seeds = list(dict.fromkeys(parse_seeds(opts.seeds)))
     if not seeds:
         raise ConfigError("--seeds: no seeds given")

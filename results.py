@@ -42,8 +42,24 @@ def is_full(cfg: dict) -> bool:
     return task_set(cfg) == TASK_NAMES
 
 
+def aggregator(cfg: dict) -> str:
+    return str(cfg.get("aggregator") or ("pcgrad" if cfg.get("pcgrad") else "sum"))
+
+
+def hand_weights(cfg: dict) -> dict[str, float]:
+    """The --weight_<task> loss weights a run set away from 1."""
+    found = {name: float(cfg.get(f"weight_{name}", 1.0)) for name in TASK_NAMES}
+    return {name: w for name, w in found.items() if w != 1.0}
+
+
 def _extras(cfg: dict) -> list[str]:
-    labels = [label for key, label in (("pcgrad", "PCGrad"), ("aux", "aux")) if cfg.get(key)]
+    method = aggregator(cfg)
+    labels = [] if method == "sum" else ["PCGrad" if method == "pcgrad" else method]
+    if cfg.get("balance", "none") != "none":
+        labels.append(f"{cfg['balance']} balance")
+    if hand_weights(cfg):
+        labels.append("weights " + " ".join(f"{n} {w:g}" for n, w in hand_weights(cfg).items()))
+    labels += ["aux"] if cfg.get("aux") else []
     # A single-task baseline (--tasks) is its own row, never averaged with the full runs.
     return labels + ([] if is_full(cfg) else ["+".join(task_set(cfg)) + " only"])
 
@@ -63,9 +79,12 @@ def config_slug(cfg: dict) -> str:
 
 
 def sort_key(cfg: dict) -> tuple:
-    """Table 1's row order: pretrain, finetune-seq, finetune-mix, + PCGrad, + aux."""
+    """Table 1's row order: pretrain, finetune-seq, finetune-mix, + PCGrad (then the other
+    aggregators, balancings and hand-set weights), + aux."""
+    method, balance = aggregator(cfg), str(cfg.get("balance", "none"))
     return (cfg.get("option") != "pretrain", cfg.get("mode") != "seq", bool(cfg.get("aux")),
-            bool(cfg.get("pcgrad")), float(cfg.get("hidden_dropout_prob", 0.0)))
+            method != "sum", method != "pcgrad", method, balance != "none", balance,
+            bool(hand_weights(cfg)), float(cfg.get("hidden_dropout_prob", 0.0)))
 
 
 # --- loading ----------------------------------------------------------------------------
