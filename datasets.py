@@ -205,10 +205,13 @@ class BucketBatchSampler(Sampler[list[int]]):
 
 
 def make_loader(examples: Sequence[Example], collate: Collator, batch_size: int,
-                shuffle: bool, bucket: bool = False, seed: int = 0) -> DataLoader:
+                shuffle: bool, bucket: bool = False, seed: int = 0,
+                batches: Sequence[Sequence[int]] | None = None) -> DataLoader:
     """Training loaders shuffle (optionally bucketed by length); evaluation loaders keep
-    the file order."""
+    the file order, or take the given `batches` of indices."""
     dataset = ExampleDataset(examples)
+    if batches is not None:
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
     if shuffle and bucket:
         sampler = BucketBatchSampler(collate.lengths(examples), batch_size, seed)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)

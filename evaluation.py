@@ -51,24 +51,34 @@ class Predictions:
         return path
 
 
-def eval_loader(task, examples):
-    """In file order; evaluation holds no activations, so batches can be larger."""
-    return make_loader(examples, task.collate, max(task.batch_size, 32), shuffle=False)
+EVAL_BATCH_SIZE = 64  # evaluation holds no activations, so batches can be larger
+
+
+def eval_batches(task, examples) -> list[list[int]]:
+    """Example indices in batches of similar length. Padding every sentence to its batch's
+    longest costs a CPU most of an evaluation pass when short and long ones share a batch."""
+    lengths = task.collate.lengths(examples)
+    order = sorted(range(len(examples)), key=lengths.__getitem__)
+    size = max(task.batch_size, EVAL_BATCH_SIZE)
+    return [order[i:i + size] for i in range(0, len(order), size)]
 
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, task, split: str, device: torch.device) -> Predictions:
-    """A task's predictions on one of its splits. The model is left in eval mode."""
+    """A task's predictions on one of its splits, in file order (computed in batches of
+    similar length). The model is left in eval mode."""
     model.eval()
-    ids, values, labels = [], [], []
-    for batch in eval_loader(task, task.examples(split)):
+    examples = task.examples(split)
+    batches = eval_batches(task, examples)
+    loader = make_loader(examples, task.collate, 1, shuffle=False, batches=batches)
+    ids, values, labels = [None] * len(examples), [None] * len(examples), [None] * len(examples)
+    for indices, batch in zip(batches, loader):
         batch = batch.to(device)
-        output = model(task.name, batch)
-        ids += batch.ids
-        values += task.predict(output).cpu().tolist()
-        if batch.labels is not None:
-            labels += batch.labels.cpu().tolist()
-    return Predictions(task, split, ids, values, labels)
+        predicted = task.predict(model(task.name, batch)).cpu().tolist()
+        gold = batch.labels.cpu().tolist() if batch.labels is not None else [None] * len(indices)
+        for i, id_, value, label in zip(indices, batch.ids, predicted, gold):
+            ids[i], values[i], labels[i] = id_, value, label
+    return Predictions(task, split, ids, values, [l for l in labels if l is not None])
 
 
 def predict_all(model, tasks, device, splits: Sequence[str]) -> list[Predictions]:

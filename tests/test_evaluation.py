@@ -64,3 +64,34 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         atomic_write(str(path), fail)
     assert path.read_text() == "old"
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_length_sorted_batches_predict_in_file_order(tiny_checkpoint, tiny_data):
+    """Evaluation batches sentences of similar length; the predictions must still be each
+    example's own, in file order: the same as predicting one example at a time."""
+    import torch
+
+    import evaluation
+    import run
+    from multitask_classifier import MultitaskConfig, build_tasks
+    cfg = MultitaskConfig(checkpoint=tiny_checkpoint, data_dir=tiny_data, max_length=64,
+                          progress=False)
+    s = run.setup(cfg)
+    tasks = build_tasks(cfg, s.tokenizer, s.encoder.config, ("dev",))
+    model = run.build_model(cfg, s.encoder, tasks, s.device)
+    for task in tasks:
+        batches = evaluation.eval_batches(task, task.examples("dev"))
+        assert sorted(i for b in batches for i in b) == list(range(len(task.examples("dev"))))
+        assert any(b != sorted(b) for b in batches) or len(batches) == 1
+        got = evaluation.predict(model, task, "dev", s.device)
+        one_by_one = evaluation.EVAL_BATCH_SIZE
+        try:
+            evaluation.EVAL_BATCH_SIZE = 1
+            task.batch_size, size = 1, task.batch_size
+            want = evaluation.predict(model, task, "dev", s.device)
+        finally:
+            evaluation.EVAL_BATCH_SIZE, task.batch_size = one_by_one, size
+        assert got.ids == [e.id for e in task.examples("dev")] == want.ids
+        assert got.labels == want.labels
+        assert torch.allclose(torch.tensor(got.values, dtype=torch.float64),
+                              torch.tensor(want.values, dtype=torch.float64), atol=1e-5)
