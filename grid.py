@@ -1,9 +1,13 @@
-"""Runs a grid of configurations (by default the 8 rows of the report's Table 1), one run
-folder per configuration x seed, then writes the table and figures with report.py.
+"""Runs a grid of configurations (by default the 8 rows of the report's Table 1; `--rows
+methods`: the comparison of gradient-combination methods), one run folder per
+configuration x seed, then writes the table and figures with report.py.
 
     python grid.py [--rows all] [--seeds 0 1 2] [--epochs 3] [--subsample 2000]
                    [--finetune_lr 5e-5] [--pretrain_lr 1e-3] [--runs_dir runs/grid]
-                   [--extra="--precision bf16"]
+                   [--extra="--precision bf16"] [--jobs 1] [--print_commands]
+
+--jobs N runs N at once as subprocesses (RUNS_DIR/logs/<run>.log); --print_commands prints
+the trainer command of each run still to do and runs nothing (then: python report.py RUNS_DIR).
 
 Resumable: a run folder with summary.json is done and skipped; an interrupted one is
 continued from its last.pt (--resume); one that stopped before its first save is removed
@@ -15,15 +19,17 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
+import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Callable, Sequence
 
 import report
 from cli import build_parser, run_cli
-from errors import ConfigError
+from errors import ConfigError, UserError
 from results import config_name, config_slug
-from runfiles import CONFIG_FILE, LAST_FILE, SUMMARY_FILE, read_json
+from runfiles import CONFIG_FILE, LAST_FILE, SUMMARY_FILE, holds_run, read_json
 
 DATA_DIR_ENV = "MINBERT_DATA_DIR"  # the same variable the data loaders read
 AUX_FILE = "yelp-aux-train.csv"
@@ -31,6 +37,10 @@ AUX_FILE = "yelp-aux-train.csv"
 LIST_OPTIONS = ("rows", "seeds")
 
 Runner = Callable[[list], str]
+# --jobs N runs this script as subprocesses; their output goes to RUNS_DIR/logs/<run>.log
+TRAINER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multitask_classifier.py")
+LOGS_DIR = "logs"
+POLL_SECONDS = 0.5
 DESCRIPTION = "Run the Table 1 grid (resumably), then write its table and figures."
 
 
@@ -55,6 +65,15 @@ class GridOptions:
         "help": "learning rate of the pretrain row; 0: the trainer's default"})
     extra: str = field(default="", metadata={
         "help": "extra trainer arguments for every run, e.g. --extra=\"--batch_size_quora 32\""})
+    jobs: int = field(default=1, metadata={
+        "help": "runs at once; above 1 each is a subprocess with its own GPU when several are "
+                "visible, else cores/jobs CPU threads, logging to RUNS_DIR/logs/"})
+    gpus: str = field(default="", metadata={
+        "help": "with --jobs: the GPUs to share out, e.g. 0,1; empty: $CUDA_VISIBLE_DEVICES "
+                "or nvidia-smi -L (used when there are several)"})
+    print_commands: bool = field(default=False, metadata={
+        "help": "print one trainer command per run still to do (resumes as --resume DIR), "
+                "run nothing; then python report.py RUNS_DIR"})
 
 
 def parse_options(argv: Sequence[str] | None = None) -> GridOptions:
@@ -205,43 +224,189 @@ def default_runner() -> Runner:
     return multitask_classifier.main
 
 
-def run_grid(opts: GridOptions, runner: Runner | None = None) -> dict:
-    """Runs what is missing, then writes RUNS_DIR/report; returns report.write_report's dict."""
-    runner = runner or default_runner()
+@dataclass
+class Job:
+    label: str
+    run_dir: str
+    argv: list
+    log: str = ""
+
+
+def plan(opts: GridOptions, say: Callable[[str], None] = print) -> list[Job]:
+    """The runs still to do, seeds outermost (a cut-short grid still has every row once):
+    a finished folder is skipped, an interrupted one resumed from its last.pt (both only if
+    they ran the settings asked for now)."""
     aux_path = opts.aux or os.path.join(data_dir(opts), AUX_FILE)
     rows = grid_rows(opts.rows, aux_path)
     seeds = list(dict.fromkeys(parse_seeds(opts.seeds)))
     if not seeds:
         raise ConfigError("--seeds: no seeds given")
-    # seeds outermost: a cut-short grid still has every row once
-    jobs = [(row, seed) for seed in seeds for row in rows]
-    for i, (row, seed) in enumerate(jobs, 1):
-        run_dir = os.path.join(opts.runs_dir, f"{config_slug(row)}-seed{seed}")
-        label = f"[{i}/{len(jobs)}] {config_name(row)} seed {seed}"
+    pairs = [(row, seed) for seed in seeds for row in rows]
+    todo = []
+    for i, (row, seed) in enumerate(pairs, 1):
+        name = f"{config_slug(row)}-seed{seed}"
+        run_dir = os.path.join(opts.runs_dir, name)
+        label = f"[{i}/{len(pairs)}] {config_name(row)} seed {seed}"
         argv = trainer_argv(row, seed, run_dir, opts)
         if is_done(run_dir):
             check_same_run(run_dir, argv)
-            print(f"{label}: done, skipping")
+            say(f"{label}: done, skipping")
             continue
         if os.path.isfile(os.path.join(run_dir, LAST_FILE)):
             check_same_run(run_dir, argv)
-            print(f"{label}: {run_dir} was interrupted, resuming from its {LAST_FILE}", flush=True)
+            say(f"{label}: {run_dir} was interrupted, resuming from its {LAST_FILE}")
             argv = ["--resume", run_dir]
-        elif os.path.exists(run_dir):
-            print(f"{label}: {run_dir} stopped before its first save, rerunning from scratch")
-            shutil.rmtree(run_dir)
-        print(f"{label} -> {run_dir}", flush=True)
-        finished = runner(argv) or run_dir
+        todo.append(Job(label, run_dir, argv, os.path.join(opts.runs_dir, LOGS_DIR, name + ".log")))
+    return todo
+
+
+def clear_unsaved(job: Job) -> None:
+    """A folder that stopped before its first save holds nothing to resume: rerun from scratch."""
+    if job.argv[:1] != ["--resume"] and os.path.exists(job.run_dir):
+        print(f"{job.label}: {job.run_dir} stopped before its first save, rerunning from scratch")
+        shutil.rmtree(job.run_dir)
+
+
+def run_in_process(todo: list[Job], runner: Runner) -> list[Job]:
+    """--jobs 1: one run after the other, in this process."""
+    for job in todo:
+        clear_unsaved(job)
+        print(f"{job.label} -> {job.run_dir}", flush=True)
+        finished = runner(job.argv) or job.run_dir
         if not is_done(finished):
             print(f"warning: {finished} has no summary.json after the run")
-    return report.write_report(opts.runs_dir, os.path.join(opts.runs_dir, "report"))
+    return []
+
+
+def trainer_command(argv: list[str]) -> list[str]:
+    return [sys.executable, TRAINER, *argv]
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def visible_gpus(wanted: str = "") -> list[str]:
+    """--gpus 0,1, else $CUDA_VISIBLE_DEVICES, else the GPUs `nvidia-smi -L` lists (torch-free)."""
+    if wanted:
+        return split_list(wanted)
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return split_list(env)
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if listed.returncode != 0:
+        return []
+    return [str(i) for i, line in enumerate(listed.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+def job_env(slot: int, jobs: int, gpus: list[str]) -> dict[str, str]:
+    """A run's environment: its own GPU when several are there (or --gpus names them), and
+    its share of the CPU cores for the BLAS / OpenMP threads."""
+    env = dict(os.environ)
+    threads = str(max(1, cpu_count() // jobs))
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    if gpus:
+        env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=gpus[slot % len(gpus)])
+    return env
+
+
+class RunsFailed(UserError):
+    """Runs of a parallel grid that exited with an error (the report of the rest is written)."""
+
+
+def run_parallel(todo: list[Job], jobs: int, gpus: list[str]) -> list[Job]:
+    """--jobs N: N runs at once, each a subprocess of the trainer logging to its own file;
+    returns the jobs that failed."""
+    running: dict[int, tuple[Job, subprocess.Popen, object]] = {}  # slot -> job, process, log
+    failed, queue = [], list(todo)
+    where = (f"GPUs {','.join(gpus)}" if gpus else
+             f"{max(1, cpu_count() // jobs)} CPU threads each")
+    print(f"running {len(todo)} runs, {jobs} at once ({where}); logs in "
+          f"{os.path.dirname(todo[0].log) if todo else '-'}", flush=True)
+    try:
+        while queue or running:
+            for slot in range(jobs):
+                if slot in running or not queue:
+                    continue
+                job = queue.pop(0)
+                clear_unsaved(job)
+                os.makedirs(os.path.dirname(job.log), exist_ok=True)
+                log = open(job.log, "a", encoding="utf-8")
+                env = job_env(slot, jobs, gpus)
+                proc = subprocess.Popen(trainer_command(job.argv), stdout=log,
+                                        stderr=subprocess.STDOUT, env=env)
+                gpu = f", GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""
+                print(f"{job.label}: started -> {job.run_dir} (log {job.log}{gpu})", flush=True)
+                running[slot] = (job, proc, log)
+            time.sleep(POLL_SECONDS)
+            for slot, (job, proc, log) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                log.close()
+                del running[slot]
+                ok = code == 0 and is_done(job.run_dir)
+                why = "" if ok or code else ", but no summary.json"
+                print(f"{job.label}: {'finished' if ok else 'FAILED'} (exit {code}{why})", flush=True)
+                if not ok:
+                    failed.append(job)
+    finally:  # interrupted (Ctrl-C): stop the runs this grid started; each saves its state
+        for job, proc, log in running.values():
+            proc.terminate()
+        for job, proc, log in running.values():
+            proc.wait()
+            log.close()
+    return failed
+
+
+def run_grid(opts: GridOptions, runner: Runner | None = None) -> dict:
+    """Runs what is missing, then writes RUNS_DIR/report; returns report.write_report's dict
+    (with "failed": the runs of a parallel grid that failed, each with its log)."""
+    if opts.jobs < 1:
+        raise ConfigError("--jobs must be at least 1")
+    todo = plan(opts)
+    if opts.jobs == 1:
+        failed = run_in_process(todo, runner or default_runner())
+    else:
+        gpus = visible_gpus(opts.gpus)
+        failed = run_parallel(todo, opts.jobs, gpus if opts.gpus or len(gpus) > 1 else [])
+    result = report.write_report(opts.runs_dir, os.path.join(opts.runs_dir, "report"))
+    result["failed"] = [{"run_dir": j.run_dir, "log": j.log} for j in failed]
+    return result
+
+
+def print_commands(opts: GridOptions) -> list[str]:
+    """One shell command per run still to do (a resume as --resume DIR), for a SLURM array
+    or `xargs -P`; runs nothing. What is skipped goes to stderr."""
+    todo = plan(opts, say=lambda text: print(text, file=sys.stderr))
+    commands = []
+    for job in todo:
+        if holds_run(job.run_dir) and job.argv[:1] != ["--resume"]:
+            print(f"{job.label}: {job.run_dir} stopped before its first save: remove it "
+                  "before running its command", file=sys.stderr)
+        commands.append(shlex.join(trainer_command(job.argv)))
+        print(commands[-1], flush=True)
+    return commands
 
 
 def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> dict:
-    result = run_grid(parse_options(argv), runner)
+    opts = parse_options(argv)
+    if opts.print_commands:
+        return {"commands": print_commands(opts)}
+    result = run_grid(opts, runner)
     print(result["table_md"])
     for path in result["files"]:
         print(f"wrote {path}")
+    if result["failed"]:
+        listed = "\n".join(f"  {f['run_dir']}: see {f['log']}" for f in result["failed"])
+        raise RunsFailed(f"{len(result['failed'])} run(s) failed (the report holds the "
+                         f"others):\n{listed}")
     return result
 
 

@@ -14,7 +14,8 @@ matplotlib.use("Agg")  # files only: this also runs on machines without a displa
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from results import LABELS, METRICS, Run, dropout_label, is_full, metric_value  # noqa: E402
+from results import (LABELS, METRICS, Run, aggregator, dropout_label, hand_weights,  # noqa: E402
+                     is_full, metric_value)
 
 DPI = 100
 
@@ -73,9 +74,12 @@ def plot_dev_curves(groups: dict[str, list[Run]], path: str, title: str,
 
 
 def _is_mix(cfg: dict, pcgrad: bool, aux: bool) -> bool:
-    """finetune-mix on every task: a --tasks subset is never a baseline of these figures."""
+    """finetune-mix on every task, summed (pcgrad: PCGrad) with no loss balancing and no
+    hand-set weights: a --tasks subset or an MGDA run is never a baseline of these figures."""
     return (cfg.get("option") == "finetune" and cfg.get("mode") == "mix" and is_full(cfg)
-            and bool(cfg.get("pcgrad")) == pcgrad and bool(cfg.get("aux")) == aux)
+            and aggregator(cfg) == ("pcgrad" if pcgrad else "sum")
+            and str(cfg.get("balance", "none")) == "none" and not hand_weights(cfg)
+            and bool(cfg.get("aux")) == aux)
 
 
 def paired_groups(groups: dict[str, list[Run]], pcgrad: bool, aux: bool) -> dict[str, list[Run]]:
@@ -136,6 +140,44 @@ def plot_grad_norms(groups: dict[str, list[Run]], path: str,
     return _save(fig, axes, path, "Encoder gradient norm per task")
 
 
+def plot_forest(comparison: dict, path: str) -> str | None:
+    """Per metric, each method's mean paired difference from finetune-mix (sum) with its
+    bootstrap 95% interval; hollow markers: within noise or n/a. None when nothing pairs."""
+    methods = [e for e in comparison.get("methods", []) if e["diff"]
+               and any(d["mean"] is not None for d in e["diff"].values())]
+    if not methods:
+        return None
+    metrics = comparison["metrics"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 2, 0.35 * len(methods) + 1.6),
+                             sharey=True, squeeze=False)
+    ys = list(range(len(methods)))[::-1]
+    for ax, metric in zip(axes[0], metrics):
+        for y, entry in zip(ys, methods):
+            diff = entry["diff"].get(metric)
+            if not diff or diff["mean"] is None:
+                continue
+            mean = diff["mean"]
+            err = None
+            if diff["ci"] is not None:
+                low, high = diff["ci"]
+                err = [[max(0.0, mean - low)], [max(0.0, high - mean)]]
+            solid = diff["verdict"] in ("better", "worse")
+            ax.errorbar([mean], [y], xerr=err, fmt="o", color="C0" if solid else "C7",
+                        markerfacecolor="C0" if solid else "white", capsize=3, markersize=5)
+        ax.axvline(0.0, color="k", linewidth=0.8, linestyle="--")
+        ax.set_title(LABELS[metric], fontsize=10)
+        ax.set_xlabel("difference from finetune-mix")
+        ax.grid(alpha=0.3, axis="x")
+    axes[0][0].set_yticks(ys)
+    axes[0][0].set_yticklabels([e["name"] for e in methods], fontsize=8)
+    fig.suptitle("Paired difference from finetune-mix (sum), bootstrap 95% interval; "
+                 "filled: outside noise", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def write_plots(groups: dict[str, list[Run]], out: str) -> list[str]:
     written = []
     # one colour per configuration across all figures, so they read together
@@ -149,19 +191,21 @@ def write_plots(groups: dict[str, list[Run]], out: str) -> list[str]:
         if chosen:
             written.append(plot_dev_curves(chosen, os.path.join(out, file), title, colors))
         else:
-            _skip(out, file, "needs finetune-mix and its variant at the same dropout")
+            remove_stale(out, file, "needs finetune-mix and its variant at the same dropout")
     for file, plot, key in (("conflicts.png", plot_conflicts, "grad"),
                             ("grad_norms.png", plot_grad_norms, "grad_norm")):
         path = plot(groups, os.path.join(out, file), colors)
         if path:
             written.append(path)
         else:
-            _skip(out, file, f"no run has gradient diagnostics ('{key}')")
+            remove_stale(out, file, f"no run has gradient diagnostics ('{key}')")
     return written
 
 
-def _skip(out: str, file: str, why: str) -> None:
-    print(f"skipping {file}: {why}")
+def remove_stale(out: str, file: str, why: str = "") -> None:
+    """A figure not made this time: say why, and remove the one an earlier report left."""
+    if why:
+        print(f"skipping {file}: {why}")
     stale = os.path.join(out, file)
     if os.path.isfile(stale):  # left by an earlier report; it no longer matches the table
         os.remove(stale)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 
 from cli import parse_config, run_cli
-from plots import write_plots
+from compare import compare, format_comparison
+from plots import plot_forest, remove_stale, write_plots
 from results import LABELS, METRICS, Run, config_slug, find_runs, group_runs, metric_value
 from runfiles import CONFIG_FILE, METRICS_FILE, ResultsError, atomic_write, write_json
 
@@ -116,7 +117,31 @@ def write_report(root: str, out: str | None = None) -> dict:
     atomic_write(files[0], lambda f: f.write(markdown))
     write_json(files[1], {"rows": rows})
     files += write_plots(groups, out)
-    return {"table_md": markdown, "rows": rows, "files": files}
+    comparison = compare(groups)
+    files += write_comparison(comparison, out)
+    return {"table_md": markdown, "rows": rows, "files": files, "comparison": comparison}
+
+
+COMPARISON_FILES = ("comparison.md", "comparison.json", "comparison.png")
+
+
+def write_comparison(comparison: dict, out: str) -> list[str]:
+    """comparison.md/.json/.png (see compare.py) when the runs hold several methods."""
+    md, js, png = (os.path.join(out, name) for name in COMPARISON_FILES)
+    if not comparison:
+        print("skipping comparison.md: needs finetune-mix runs of more than one method")
+        for name in COMPARISON_FILES:
+            remove_stale(out, name)
+        return []
+    text = format_comparison(comparison)
+    atomic_write(md, lambda f: f.write(text))
+    write_json(js, comparison)
+    written = [md, js]
+    if plot_forest(comparison, png):
+        written.append(png)
+    else:
+        remove_stale(out, "comparison.png", "no method has seeds paired with finetune-mix")
+    return written
 
 
 @dataclass

@@ -1,11 +1,15 @@
 import json
 import os
+import re
+import shlex
+import sys
 from dataclasses import asdict
 
 import pytest
 
 import grid
 import results
+from cli import run_cli
 from errors import ConfigError
 
 
@@ -173,3 +177,133 @@ def test_unknown_row_lists_the_known_ones():
     assert [results.config_slug(r) for r in grid.select_rows(rows, "all")][:2] == [
         "pretrain-0.3", "finetune-seq-0.3"]
     assert len(grid.select_rows(rows, "pretrain-0.3 finetune-seq-0.3")) == 2
+
+
+# --- --print_commands and --jobs ---------------------------------------------------------
+
+FAKE_SCRIPT = r'''
+"""A fast stand-in for multitask_classifier.py: writes a finished run folder from argv."""
+import json, os, sys
+argv = sys.argv[1:]
+cfg, i = {}, 0
+while i < len(argv):
+    key = argv[i][2:]
+    if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        value = argv[i + 1]
+        try:
+            value = float(value) if "." in value or "e" in value else int(value)
+        except ValueError:
+            pass
+        cfg[key], i = value, i + 2
+    else:
+        cfg[key], i = True, i + 1
+print("fake trainer", " ".join(argv))
+if cfg.get("pcgrad") and os.environ.get("FAKE_FAIL_PCGRAD"):
+    print("boom: pcgrad failed", file=sys.stderr)
+    sys.exit(3)
+os.makedirs(cfg["run_dir"])
+with open(os.path.join(cfg["run_dir"], "config.json"), "w") as f:
+    json.dump(dict(cfg, pcgrad=bool(cfg.get("pcgrad")), aux=""), f)
+with open(os.path.join(cfg["run_dir"], "env.json"), "w") as f:
+    json.dump({k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                               "CUDA_VISIBLE_DEVICES")}, f)
+score = 0.5 + 0.01 * cfg["seed"]
+with open(os.path.join(cfg["run_dir"], "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"epoch": 1, "dev": {"sst": score, "quora": score, "sts": score},
+                        "overall": score}) + "\n")
+with open(os.path.join(cfg["run_dir"], "summary.json"), "w") as f:
+    json.dump({"epochs": 1}, f)
+'''
+
+
+@pytest.fixture
+def fake_script(tmp_path, monkeypatch):
+    path = tmp_path / "fake_trainer.py"
+    path.write_text(FAKE_SCRIPT)
+    monkeypatch.setattr(grid, "TRAINER", str(path))
+    monkeypatch.setattr(grid, "POLL_SECONDS", 0.05)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU, whatever the machine has
+    monkeypatch.setattr(grid, "cpu_count", lambda: 8)
+    return str(path)
+
+
+def test_print_commands_parse_back_to_the_runs_still_to_do(tmp_path, capsys):
+    runs = str(tmp_path / "my runs")  # a space: the commands must quote it
+    base = ["--rows", "pretrain-0.3", "finetune-mix-0.3", "--seeds", "0", "1", "--runs_dir", runs,
+            "--epochs", "1", "--data_dir", "D", "--extra=--head_lr 1e-3 --quora_encoding 'bi'"]
+    grid.main(base + ["--print_commands"], runner=refuse)
+    lines = capsys.readouterr().out.splitlines()
+    opts = grid.parse_options(base)
+    rows = grid.grid_rows(opts.rows, "")
+    expected = [[sys.executable, grid.TRAINER] + grid.trainer_argv(
+        row, seed, os.path.join(runs, f"{results.config_slug(row)}-seed{seed}"), opts)
+        for seed in (0, 1) for row in rows]
+    assert [shlex.split(line) for line in lines] == expected
+    assert expected[0][-4:] == ["--head_lr", "1e-3", "--quora_encoding", "bi"]
+    assert not os.path.exists(runs)  # nothing ran
+
+    grid.main(base[:5] + ["0"] + base[6:], runner=FakeTrainer())  # seed 0 of both rows
+    interrupted = os.path.join(runs, "finetune-mix-0.3-seed0")
+    os.remove(os.path.join(interrupted, "summary.json"))
+    open(os.path.join(interrupted, "last.pt"), "wb").close()
+    capsys.readouterr()
+    grid.main(base + ["--print_commands"], runner=refuse)
+    captured = capsys.readouterr()
+    assert [shlex.split(line) for line in captured.out.splitlines()] == [
+        [sys.executable, grid.TRAINER, "--resume", interrupted], expected[2], expected[3]]
+    assert "pretrain (dropout 0.3) seed 0: done, skipping" in captured.err
+
+
+def test_jobs_run_rows_as_subprocesses_with_divided_threads(tmp_path, capsys, fake_script):
+    runs = str(tmp_path / "grid")
+    argv = ["--rows", "finetune-mix-0.3", "finetune-mix-0.5", "--runs_dir", runs, "--epochs", "1",
+            "--jobs", "2", "--data_dir", "D"]
+    result = grid.main(argv, runner=refuse)
+    printed = capsys.readouterr().out.splitlines()
+    names = ["finetune-mix-0.3-seed0", "finetune-mix-0.5-seed0"]
+    for name in names:
+        with open(os.path.join(runs, name, "env.json")) as f:
+            env = json.load(f)
+        assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "4"  # 8 cores / 2 jobs
+        assert env["CUDA_VISIBLE_DEVICES"] == ""
+        with open(os.path.join(runs, "logs", name + ".log")) as f:
+            assert f.read().startswith("fake trainer --option finetune")
+    events = [line for line in printed if ": started" in line or ": finished" in line]
+    assert [e.split(": ")[1].split(" ")[0] for e in events] == [
+        "started", "started", "finished", "finished"]  # both at once
+    assert sum("finished (exit 0)" in e for e in events) == 2
+    assert [row["name"] for row in result["rows"]] == ["finetune-mix (0.3)", "finetune-mix (0.5)"]
+    assert result["failed"] == []
+
+
+def test_jobs_give_each_run_its_own_gpu(tmp_path, fake_script):
+    runs = str(tmp_path / "grid")
+    grid.main(["--rows", "finetune-mix-0.3", "finetune-mix-0.5", "--runs_dir", runs,
+               "--epochs", "1", "--jobs", "2", "--gpus", "2,3"], runner=refuse)
+    found = set()
+    for name in ("finetune-mix-0.3-seed0", "finetune-mix-0.5-seed0"):
+        with open(os.path.join(runs, name, "env.json")) as f:
+            found.add(json.load(f)["CUDA_VISIBLE_DEVICES"])
+    assert found == {"2", "3"}
+
+
+def test_a_failed_row_names_its_log_and_the_grid_exits_non_zero(tmp_path, capsys, fake_script,
+                                                                  monkeypatch):
+    monkeypatch.setenv("FAKE_FAIL_PCGRAD", "1")
+    runs = str(tmp_path / "grid")
+    argv = ["--rows", "finetune-mix-0.3", "finetune-mix-pcgrad-0.3", "--runs_dir", runs,
+            "--epochs", "1", "--jobs", "2"]
+    log = os.path.join(runs, "logs", "finetune-mix-pcgrad-0.3-seed0.log")
+    with pytest.raises(grid.RunsFailed, match=re.escape(log)):
+        grid.main(argv, runner=refuse)
+    printed = capsys.readouterr().out
+    assert "finetune-mix + PCGrad (0.3) seed 0: FAILED (exit 3)" in printed
+    with open(log) as f:
+        assert "boom: pcgrad failed" in f.read()
+    with open(os.path.join(runs, "report", "table.md")) as f:  # the report of what finished
+        table = f.read()
+    assert "| finetune-mix (0.3) |" in table and "PCGrad" not in table
+    again = str(tmp_path / "again")  # the fake's config.json is not the trainer's: a new folder
+    monkeypatch.setattr("sys.argv", ["grid.py"] + argv[:4] + [again] + argv[5:])
+    assert run_cli(grid.main) == 2
+    assert os.path.join(again, "logs", "finetune-mix-pcgrad-0.3-seed0.log") in capsys.readouterr().err

@@ -96,5 +96,5 @@ def test_max_length_above_the_checkpoint_is_refused_up_front(tiny_checkpoint, ti
 def test_the_results_tools_never_load_the_model():
     import subprocess
     import sys
-    code = "import sys, grid, report, results, plots; sys.exit('torch' in sys.modules)"
+    code = "import sys, grid, report, results, plots, compare; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=run.__file__.rsplit("/", 1)[0]).returncode == 0
