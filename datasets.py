@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from errors import DataError
+from sharding import WithinBatchShards, micro_batches
 from specs import LabelSpec
 from tokenizer import BertTokenizer, Encoded
 
@@ -132,6 +133,10 @@ class Batch:
     encoded: Encoded  # (B, T); for a bi-encoder pair batch (2B, T): first sentences, then seconds
     labels: torch.Tensor | None  # (B,) int64 class ids or float32 scores
 
+    def pin_memory(self) -> "Batch":
+        labels = None if self.labels is None else self.labels.pin_memory()
+        return Batch(self.ids, self.encoded.pin_memory(), labels)
+
     def to(self, device: torch.device | str) -> "Batch":
         labels = None if self.labels is None else self.labels.to(device, non_blocking=True)
         return Batch(self.ids, self.encoded.to(device), labels)
@@ -188,6 +193,10 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.epoch = 0
 
+    @property
+    def num_examples(self) -> int:
+        return len(self.lengths)
+
     def __len__(self) -> int:
         return math.ceil(len(self.lengths) / self.batch_size)
 
@@ -228,6 +237,10 @@ class ShuffledBatches:
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.epoch = 0
 
+    @property
+    def num_examples(self) -> int:
+        return self.size
+
     def __len__(self) -> int:
         return math.ceil(self.size / self.batch_size)
 
@@ -239,40 +252,56 @@ class ShuffledBatches:
 
 
 class TrainStream:
-    """One task's training batches, pass after pass, with a position a checkpoint can save:
-    the sampler's pass number and the batches taken in that pass. Skipping on resume
-    draws indices only; nothing is tokenized twice."""
+    """One task's training steps, pass after pass, with a position a checkpoint can save:
+    the sampler's pass number and the global batches taken in that pass. Each step is one
+    global batch of batch_size x micro x world_size examples; this process gets its part as
+    up to `micro` micro-batches (sharding.py). Skipping on resume draws indices only;
+    nothing is tokenized twice."""
 
     def __init__(self, examples: Sequence[Example], collate: Collator, batch_size: int,
-                 bucket: bool = True, seed: int = 0):
-        self.examples, self.collate = list(examples), collate
-        self.sampler = (BucketBatchSampler(collate.lengths(self.examples), batch_size, seed)
-                        if bucket else ShuffledBatches(len(self.examples), batch_size, seed))
+                 bucket: bool = True, seed: int = 0, micro: int = 1, rank: int = 0,
+                 world_size: int = 1, pin: bool = False):
+        self.examples, self.collate, self.micro, self.pin = list(examples), collate, micro, pin
+        size = batch_size * micro * world_size
+        self.sampler = (BucketBatchSampler(collate.lengths(self.examples), size, seed)
+                        if bucket else ShuffledBatches(len(self.examples), size, seed))
+        self.shards = WithinBatchShards(self.sampler, rank, world_size)
         self.taken = 0
-        self._batches: Iterator[list[int]] | None = None
+        self._batches: Iterator[tuple[list[int], int]] | None = None
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return len(self.shards)
 
     def new_pass(self) -> None:
         # torch's DataLoader, which fed training before, drew a base seed from the global
         # generator at every pass; drawing it still keeps earlier runs' numbers repeatable.
         torch.empty((), dtype=torch.int64).random_()
-        self._batches, self.taken = iter(self.sampler), 0
+        self._batches, self.taken = iter(self.shards), 0
 
-    def next_indices(self) -> list[int]:
-        """The next batch's indices; a new pass starts when the current one is exhausted."""
+    def next_indices(self) -> tuple[list[int], int]:
+        """This process's part of the next global batch, and the global batch's size; a new
+        pass starts when the current one is exhausted."""
         if self._batches is None:
             self.new_pass()
-        indices = next(self._batches, None)
-        if indices is None:
+        found = next(self._batches, None)
+        if found is None:
             self.new_pass()
-            indices = next(self._batches)
+            found = next(self._batches)
         self.taken += 1
-        return indices
+        return found
+
+    def next_step(self) -> tuple[list[Batch], int]:
+        """The next step's micro-batches (pinned for a fast copy to a GPU when `pin`) and
+        the global batch size."""
+        part, global_size = self.next_indices()
+        batches = [self.collate([self.examples[i] for i in indices])
+                   for indices in micro_batches(part, self.micro)]
+        return [b.pin_memory() for b in batches] if self.pin else batches, global_size
 
     def next(self) -> Batch:
-        return self.collate([self.examples[i] for i in self.next_indices()])
+        """The next batch (one process, no accumulation)."""
+        batches, _ = self.next_step()
+        return batches[0]
 
     def state_dict(self) -> dict:
         started = self._batches is not None

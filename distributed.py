@@ -2,24 +2,8 @@
 gloo on the CPU, nccl on CUDA. Without torchrun (WORLD_SIZE unset or 1) everything here is
 a no-op on one process, so the single-process path stays as it was.
 
-Sharding of training batches. All ranks build the SAME global batch order (same seed, same
-epoch counter), and each rank takes its part of every global batch:
-  shard_within_batches (what the trainer uses): every global batch is split into
-    world_size contiguous parts, rank r takes part r. The global batch size is the loader's
-    batch size (= per-rank batch x world_size). Parts differ by at most one example when the
-    global batch does not divide evenly (the epoch's one short batch): the per-rank losses
-    are means over unequal parts, so each rank scales its mean loss by loss_scales(part
-    sizes) = n_r W / n (1.0 for equal parts) and the gradients are then plainly averaged;
-    the update is exactly the single-process update on the global batch (for one set of
-    parameters, all_reduce_grads_(params, count=len(part)) does the same without the
-    scaling). A global batch with fewer examples than
-    ranks cannot give every rank an example and is dropped (at most world_size - 1
-    examples an epoch; every rank drops it, so all ranks take the same number of steps).
-  ShardedBatches (the alternative): rank r takes global batches r, r + W, r + 2W, ...;
-    the len % W tail batches are dropped so that every rank takes len // W steps (padding
-    by repeating batches would count their examples twice in an epoch; the dropped tail
-    changes every epoch with the shuffle). Each step then covers W whole batches, which is
-    not the same update as one process on one of them, so equivalence tests use the other.
+Which examples each process trains on, and the scaling of its losses that makes the update
+exactly the single-process update on the global batch: sharding.py.
 
 Evaluation: every rank predicts a contiguous shard (shard_range) of the ordered split and
 gather_predictions concatenates the shards in rank order: the dev set is covered exactly
@@ -29,13 +13,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as torch_dist
-from torch.utils.data import BatchSampler, DataLoader, Sampler
 
-from datasets import ShuffledBatches
+from sharding import shard_range, shard_within_batches, split_sizes  # noqa: F401 (re-exported)
 
 
 # --- process group -------------------------------------------------------------------------
@@ -88,102 +71,18 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
+def broadcast_object(value):
+    """Rank 0's `value` on every rank (picklable objects)."""
+    if not active():
+        return value
+    box = [value]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shutdown() -> None:
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
-
-
-# --- sharding of training batches ----------------------------------------------------------
-
-def split_sizes(n: int, world_size: int) -> list[int]:
-    """n split into world_size contiguous parts differing by at most one (first ones larger)."""
-    return [n // world_size + (r < n % world_size) for r in range(world_size)]
-
-
-def shard_range(n: int, rank: int, world_size: int) -> range:
-    """Rank `rank`'s contiguous part of range(n); the parts cover it once, in order."""
-    sizes = split_sizes(n, world_size)
-    start = sum(sizes[:rank])
-    return range(start, start + sizes[rank])
-
-
-class WithinBatchShards(Sampler[list[int]]):
-    """Rank r's contiguous part of every global batch of `batch_sampler` (see the module
-    docstring). Iterating it iterates the wrapped sampler once (a BucketBatchSampler's
-    epoch counter advances as on one process)."""
-
-    def __init__(self, batch_sampler: Iterable[list[int]], rank: int, world_size: int):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside a world of {world_size}")
-        self.batch_sampler, self.rank, self.world_size = batch_sampler, rank, world_size
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.batch_sampler:
-            batch = list(batch)
-            if len(batch) < self.world_size:
-                continue  # not every rank would get an example: dropped on every rank
-            part = shard_range(len(batch), self.rank, self.world_size)
-            yield batch[part.start:part.stop]
-
-    def __len__(self) -> int:
-        sizes = _batch_sizes(self.batch_sampler)
-        if sizes is None:
-            raise TypeError(f"no length without iterating {type(self.batch_sampler).__name__}")
-        return sum(size >= self.world_size for size in sizes)
-
-
-def _batch_sizes(batch_sampler) -> list[int] | None:
-    """The global batch sizes of an epoch, without iterating (that would advance an epoch
-    counter), for the samplers this project builds: full batches and one remainder (a
-    torch BatchSampler's last batch; BucketBatchSampler cuts chunks that are whole
-    multiples of the batch size, so it too has one short batch, somewhere in the order)."""
-    size = getattr(batch_sampler, "batch_size", None)
-    if isinstance(batch_sampler, BatchSampler):
-        total, drop_last = len(batch_sampler.sampler), batch_sampler.drop_last
-    elif hasattr(batch_sampler, "lengths") and size:  # datasets.BucketBatchSampler
-        total, drop_last = len(batch_sampler.lengths), False
-    elif isinstance(batch_sampler, ShuffledBatches):
-        total, drop_last = batch_sampler.size, False
-    else:
-        return None
-    full, rest = divmod(total, size)
-    return [size] * full + ([rest] if rest and not drop_last else [])
-
-
-def shard_within_batches(batch_sampler: Iterable[list[int]], rank: int,
-                         world_size: int) -> WithinBatchShards:
-    return WithinBatchShards(batch_sampler, rank, world_size)
-
-
-class ShardedBatches(Sampler[list[int]]):
-    """Rank r takes global batches r, r + W, ...; the len % W tail batches are dropped so
-    every rank yields len // W batches (see the module docstring)."""
-
-    def __init__(self, batch_sampler: Iterable[list[int]], rank: int, world_size: int):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside a world of {world_size}")
-        self.batch_sampler, self.rank, self.world_size = batch_sampler, rank, world_size
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler) // self.world_size
-
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = list(self.batch_sampler)  # the whole epoch: the wrapped state advances once
-        kept = len(batches) - len(batches) % self.world_size
-        return iter(batches[self.rank:kept:self.world_size])
-
-
-def shard_loader(loader: DataLoader, dist: Dist) -> DataLoader:
-    """A training loader of datasets.make_loader (bucketed or plain shuffle), split within
-    each of its batches for this rank. The loader's batch size is the GLOBAL batch size.
-    The wrapped batch sampler (and its generator or epoch counter) is the loader's own, so
-    the global order is exactly the single-process loader's. Identity on one process."""
-    if dist.world_size == 1:
-        return loader
-    return DataLoader(loader.dataset, batch_sampler=shard_within_batches(
-        loader.batch_sampler, dist.rank, dist.world_size), collate_fn=loader.collate_fn,
-        num_workers=loader.num_workers, pin_memory=loader.pin_memory,
-        generator=loader.generator)  # each iterator draws a seed from it, as the original did
 
 
 # --- gradient averaging --------------------------------------------------------------------

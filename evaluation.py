@@ -12,6 +12,7 @@ import torch
 from sklearn.metrics import accuracy_score
 
 from datasets import make_loader
+from parallel import gather_objects
 from runfiles import PREDICTIONS_DIR, atomic_write
 
 
@@ -64,26 +65,34 @@ def eval_batches(task, examples) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, task, split: str, device: torch.device) -> Predictions:
+def predict(model: torch.nn.Module, task, split: str, device: torch.device,
+            dist=None) -> Predictions:
     """A task's predictions on one of its splits, in file order (computed in batches of
-    similar length). The model is left in eval mode."""
+    similar length). With `dist` (distributed.Dist, several processes) each process
+    predicts every world_size-th batch and all of them get the whole split, each example
+    once. The model is left in eval mode."""
     model.eval()
     examples = task.examples(split)
     batches = eval_batches(task, examples)
-    loader = make_loader(examples, task.collate, 1, shuffle=False, batches=batches)
-    ids, values, labels = [None] * len(examples), [None] * len(examples), [None] * len(examples)
-    for indices, batch in zip(batches, loader):
+    if dist is not None and dist.enabled:
+        batches = batches[dist.rank::dist.world_size]
+    rows = []  # (index in the file, id, value, label)
+    for indices, batch in zip(batches, make_loader(examples, task.collate, 1, shuffle=False,
+                                                    batches=batches)):
         batch = batch.to(device)
         predicted = task.predict(model(task.name, batch)).cpu().tolist()
         gold = batch.labels.cpu().tolist() if batch.labels is not None else [None] * len(indices)
-        for i, id_, value, label in zip(indices, batch.ids, predicted, gold):
-            ids[i], values[i], labels[i] = id_, value, label
-    return Predictions(task, split, ids, values, [l for l in labels if l is not None])
+        rows += zip(indices, batch.ids, predicted, gold)
+    if dist is not None and dist.enabled:
+        rows = [row for part in gather_objects(rows) for row in part]
+    rows.sort(key=lambda row: row[0])
+    return Predictions(task, split, [r[1] for r in rows], [r[2] for r in rows],
+                       [r[3] for r in rows if r[3] is not None])
 
 
-def predict_all(model, tasks, device, splits: Sequence[str]) -> list[Predictions]:
+def predict_all(model, tasks, device, splits: Sequence[str], dist=None) -> list[Predictions]:
     """Every evaluated task on every asked split it has data for."""
-    return [predict(model, task, split, device) for task in tasks if task.spec.evaluated
+    return [predict(model, task, split, device, dist) for task in tasks if task.spec.evaluated
             for split in splits if task.examples(split)]
 
 

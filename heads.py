@@ -96,18 +96,25 @@ def make_head(spec: TaskSpec, hidden: int, dropout: float, pooling: str, encodin
 
 
 class MultitaskBERT(nn.Module):
-    """One shared encoder and one head per task. `bf16=True` runs the forward pass under
-    bfloat16 autocast (fp32 weights, optimizer and losses); outputs come back as fp32."""
+    """One shared encoder and one head per task. `autocast` (torch.bfloat16 or
+    torch.float16) runs the forward pass under autocast (fp32 weights, optimizer and
+    losses); outputs come back as fp32."""
 
-    def __init__(self, encoder: BertModel, heads: dict[str, TaskHead], bf16: bool = False):
+    def __init__(self, encoder: BertModel, heads: dict[str, TaskHead],
+                 autocast: torch.dtype | None = None):
         super().__init__()
         self.encoder = encoder
         self.heads = nn.ModuleDict(heads)
-        self.bf16 = bf16
+        self.autocast = autocast
+
+    @property
+    def bf16(self) -> bool:
+        return self.autocast == torch.bfloat16
 
     def forward(self, task_name: str, batch: Batch) -> torch.Tensor:
         device_type = batch.encoded.input_ids.device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(device_type, dtype=self.autocast or torch.bfloat16,
+                            enabled=self.autocast is not None):
             return self.heads[task_name](self.encoder, batch).float()
 
     def train_encoder(self, train: bool) -> None:

@@ -119,16 +119,34 @@ class PCGrad:
         when the losses share part of one graph (one forward pass for all tasks)."""
         if len(losses) != self.num_tasks:
             raise ValueError(f"expected {self.num_tasks} losses, got {len(losses)}")
-        self.grads.zero_()
-        for k, (loss, views) in enumerate(zip(losses, self.task_views)):
-            for p, view in zip(self.params, views):
-                p.grad = view  # autograd accumulates in place: the gradient lands in the row
-            loss.backward(retain_graph=shared_graph and k < len(losses) - 1)
+        for k, loss in enumerate(losses):
+            self.backward(k, loss, retain_graph=shared_graph and k < len(losses) - 1)
+        return self.combine_rows([loss.item() for loss in losses])
+
+    def backward(self, k: int, loss: torch.Tensor, accumulate: bool = False,
+                 retain_graph: bool = False) -> None:
+        """Task k's shared gradients into row k of the buffer; `accumulate` adds them to
+        what the row holds (gradient accumulation over micro-batches)."""
+        if not accumulate:
+            self.grads[k].zero_()
+        for p, view in zip(self.params, self.task_views[k]):
+            p.grad = view  # autograd accumulates in place: the gradient lands in the row
+        loss.backward(retain_graph=retain_graph)
+
+    def combine_rows(self, losses: Sequence[float], grad_scale: float = 1.0) -> torch.Tensor:
+        """The rows' combination written as the shared parameters' gradients; returns the
+        Gram matrix. `grad_scale`: the factor every loss was multiplied by (fp16 loss
+        scaling): the weights come from the true Gram matrix (not every method is
+        scale-invariant), and the written update stays scaled, for the scaler to unscale."""
         if self.reduce is not None:
             self.reduce(self.grads)
-        gram = gram_matrix(self.grads)  # (K, K)
-        values = torch.tensor([loss.item() for loss in losses], dtype=torch.float64)
-        weights = self.combine(gram.double().cpu(), values)
+        gram = gram_matrix(self.grads) / grad_scale ** 2  # (K, K)
+        values = torch.tensor(list(losses), dtype=torch.float64)
+        if grad_scale != 1.0 and not torch.isfinite(gram).all():
+            # an fp16 overflow: the scaler skips this step (the update holds inf too)
+            weights = torch.ones(self.num_tasks, dtype=torch.float64)
+        else:
+            weights = self.combine(gram.double().cpu(), values)
         self.last_weights = weights
         torch.mv(self.grads.T, weights.to(self.grads), out=self.update)
         for p, view in zip(self.params, self.update_views):

@@ -16,6 +16,7 @@ from bert import BertModel
 from config import BertConfig
 from datasets import default_data_dir
 from errors import CheckpointError, ConfigError
+from distributed import Dist, barrier, broadcast_object, init_distributed, shutdown
 from evaluation import Predictions, dev_scores, predict_all
 from heads import POOLINGS, MultitaskBERT
 from runfiles import (CONFIG_FILE, LAST_FILE, SUMMARY_FILE, holds_run, read_json,
@@ -23,7 +24,7 @@ from runfiles import (CONFIG_FILE, LAST_FILE, SUMMARY_FILE, holds_run, read_json
 from tasks import SPLITS, Task
 from tokenizer import BertTokenizer
 from trainer import Trainer
-from utils import choose_device, load_checkpoint, seed_everything, use_bf16
+from utils import autocast_dtype, choose_device, load_checkpoint, seed_everything
 
 # (config, tokenizer, encoder config, splits to read) -> the script's tasks, heads fresh
 MakeTasks = Callable[["RunConfig", BertTokenizer, BertConfig, tuple], list[Task]]
@@ -65,8 +66,12 @@ class RunConfig:
     run_dir: str = field(default="", metadata=_help("output folder (default runs/<name>-<time>)"))
     progress: bool = field(default=True, metadata=_help("tqdm progress bars"))
     precision: str = field(default="fp32", metadata=_help(
-        "bf16: bfloat16 autocast; auto: bf16 where the hardware computes it natively",
-        choices=["fp32", "bf16", "auto"]))
+        "bf16: bfloat16 autocast; fp16: float16 autocast with loss scaling (GPUs); auto: bf16 "
+        "where the hardware computes it natively, else fp16 on a GPU, fp32 on a CPU",
+        choices=["fp32", "bf16", "fp16", "auto"]))
+    grad_accumulation: int = field(default=1, metadata=_help(
+        "micro-batches per step: each step's batch is batch size x N (x processes), its "
+        "gradients accumulated over N forward/backward passes (less memory, same update)"))
     save_every_steps: int = field(default=500, metadata=_help(
         "also save the resumable state (last.pt) every N steps (0: only after each epoch); "
         "500 steps are ~8 min of the full recipe on a 2-core CPU"))
@@ -91,6 +96,8 @@ class RunConfig:
         self.check_number("hidden_dropout_prob", self.hidden_dropout_prob, low=0.0, high=1.0)
         if self.epochs <= 0:
             raise ConfigError(f"--epochs must be positive, got {self.epochs}")
+        if self.grad_accumulation < 1:
+            raise ConfigError(f"--grad_accumulation must be at least 1, got {self.grad_accumulation}")
         if self.save_every_steps < 0:
             raise ConfigError(f"--save_every_steps must be 0 or positive, got {self.save_every_steps}")
         if self.max_length < 4:
@@ -130,9 +137,9 @@ class Setup:
     encoder: BertModel
 
 
-def setup(cfg: RunConfig) -> Setup:
+def setup(cfg: RunConfig, dist: Dist | None = None) -> Setup:
     seed_everything(cfg.seed)
-    device = choose_device(cfg.use_gpu)
+    device = dist.device if dist is not None and dist.enabled else choose_device(cfg.use_gpu)
     folder = cfg.checkpoint or default_checkpoint_path()
     encoder = from_pretrained(folder)
     check_max_length(cfg, encoder.config)
@@ -149,27 +156,50 @@ def check_max_length(cfg: RunConfig, bert_config: BertConfig) -> None:
 def build_model(cfg: RunConfig, encoder: BertModel, tasks: list[Task],
                 device: torch.device) -> MultitaskBERT:
     return MultitaskBERT(encoder, {t.name: t.head for t in tasks},
-                         bf16=use_bf16(cfg.precision, device))
+                         autocast=autocast_dtype(cfg.precision, device))
 
 
 def train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str,
           log: Callable[[str], None] = print) -> tuple[str, dict, list[Task]]:
     """Train from a config (or continue the run in cfg.resume); returns the run folder,
-    the summary and the tasks."""
-    s = setup(cfg)
+    the summary and the tasks. Under torchrun: one process per rank, data-parallel."""
+    dist = init_distributed(cfg.use_gpu)
+    try:
+        return _train(cfg, script, make_tasks, name, dist, log if dist.is_main else lambda *_: None)
+    finally:
+        shutdown()
+
+
+def _train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str, dist: Dist,
+           log: Callable[[str], None]) -> tuple[str, dict, list[Task]]:
+    s = setup(cfg, dist)
+    if dist.rank > 0:  # the same weights everywhere (DDP broadcasts them); other dropout draws
+        torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
     tasks = make_tasks(cfg, s.tokenizer, s.encoder.config, SPLITS)
     model = build_model(cfg, s.encoder, tasks, s.device)
     run_dir = cfg.resume or cfg.run_dir or os.path.join(
         "runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if not cfg.resume:
-        start_run_dir(run_dir, cfg.as_dict())
-    log(f"{'resuming ' if cfg.resume else ''}{name} on {s.device}{' (bf16 autocast)' if model.bf16 else ''}: checkpoint {s.folder}")
+    run_dir = broadcast_object(run_dir)  # the time-stamped name of rank 0
+    if not cfg.resume and dist.is_main:
+        start_run_dir(run_dir, {**cfg.as_dict(), "world_size": dist.world_size})
+    barrier()  # a refused folder stops every rank at once
+    autocast = f" ({str(model.autocast).replace('torch.', '')} autocast)" if model.autocast else ""
+    log(f"{'resuming ' if cfg.resume else ''}{name} on {s.device}{autocast}"
+        f"{f' x {dist.world_size} processes' if dist.enabled else ''}: checkpoint {s.folder}")
     for task in tasks:
         log(f"  {task.name}: {len(task.train)} train, {len(task.dev)} dev, {len(task.test)} "
-            f"test, batch {task.batch_size}")
+            f"test, batch {global_batch(task.batch_size, cfg, dist)}")
     extra = {"script": script, "config": cfg.as_dict(), "bert_config": asdict(s.encoder.config)}
-    summary = Trainer(model, tasks, cfg, s.device, run_dir, extra, log).fit(resume=bool(cfg.resume))
+    summary = Trainer(model, tasks, cfg, dist, run_dir, extra, log).fit(resume=bool(cfg.resume))
     return run_dir, summary, tasks
+
+
+def global_batch(batch_size: int, cfg: RunConfig, dist: Dist) -> str:
+    parts = [str(batch_size)] + [f"{n} {what}" for n, what in
+                                 ((cfg.grad_accumulation, "micro-batches"),
+                                  (dist.world_size, "processes")) if n > 1]
+    total = batch_size * cfg.grad_accumulation * dist.world_size
+    return " x ".join(parts) + (f" = {total}" if total != batch_size else "")
 
 
 # Flags that change nothing a resumed run computes.

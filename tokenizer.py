@@ -25,6 +25,10 @@ class Encoded:
         return Encoded(*(t.to(device, non_blocking=True) for t in
                          (self.input_ids, self.token_type_ids, self.attention_mask)))
 
+    def pin_memory(self) -> "Encoded":
+        return Encoded(*(t.pin_memory() for t in
+                         (self.input_ids, self.token_type_ids, self.attention_mask)))
+
     def as_kwargs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "token_type_ids": self.token_type_ids,
                 "attention_mask": self.attention_mask}

@@ -20,12 +20,15 @@ from tqdm import tqdm
 from aggregators import make_aggregator
 from balancing import balanced_weights, make_balancer
 from datasets import TrainStream
+from distributed import Dist, all_reduce_mean_, broadcast_parameters_
 from diagnostics import GradDiagnostics, format_epoch
 from errors import Interrupted
 from evaluation import Predictions, dev_scores, overall, predict_all
 from heads import MultitaskBERT
 from optimizer import AdamW
+from parallel import StepContext, make_context
 from pcgrad import PCGrad
+from sharding import micro_scale
 from steplog import StepLog
 from runfiles import (CHECKPOINT_FILE, DIVERGED_FILE, LAST_FILE, METRICS_FILE, SUMMARY_FILE, append_jsonl,
                       read_jsonl, write_json)
@@ -54,46 +57,95 @@ def make_optimizer(encoder_params, head_params, cfg, total_steps: int):
 
 def mix_step(model: MultitaskBERT, tasks: list[Task], batches: list, optimizer,
              surgery: PCGrad | None = None) -> tuple[list[float], torch.Tensor | None]:
-    """One finetune-mix step: a batch of every task, the encoder gradients summed or
-    combined by `surgery`. Returns the task losses and the gradient Gram matrix. A
-    non-finite loss or gradient raises NonFinite before anything is updated."""
-    optimizer.zero_grad(set_to_none=True)
-    losses = [task.loss(model(task.name, batch), batch.labels)
-              for task, batch in zip(tasks, batches)]
-    values = [loss.item() for loss in losses]
-    check_finite(values, [t.name for t in tasks], "loss")
-    if surgery is not None:
-        gram = surgery.pc_backward(losses)  # the aggregator's combination + diagnostics
-        check_finite(gram.diagonal().tolist(), [t.name for t in tasks], "gradient")
-    else:
-        gram = None
-        torch.stack(losses).sum().backward()
-    optimizer.step()
+    """One finetune-mix step on one process: a batch of every task, the encoder gradients
+    summed or combined by `surgery`. Returns the task losses and the gradient Gram matrix."""
+    device = next(model.parameters()).device
+    ctx = make_context(model, tasks, Dist(0, 1, 0, device), fp16=False, find_unused=False)
+    drawn = [([b], len(b)) for b in batches]
+    values, gram, _ = train_step(ctx, tasks, drawn, optimizer, surgery)
     return values, gram
+
+
+def train_step(ctx: StepContext, tasks: list[Task], drawn: list, optimizer,
+               surgery: PCGrad | None = None, stop: int = 0) -> tuple[list[float], torch.Tensor | None, int]:
+    """One optimizer step. drawn[k]: task k's micro-batches on this process and its global
+    batch size. Gradients accumulate over the micro-batches (each mean loss scaled by its
+    share of the global batch: sharding.micro_scale); then the plain sum (averaged over
+    processes by DDP) or `surgery`'s combination; then the step (skipped by the fp16 loss
+    scaler on an overflow). Returns the global mean task losses, the Gram matrix and the
+    stop signal all processes agreed on. A non-finite loss or gradient raises NonFinite
+    before anything is updated."""
+    optimizer.zero_grad(set_to_none=True)
+    names, world = [t.name for t in tasks], ctx.dist.world_size
+    count = max(len(micro) for micro, _ in drawn)
+    shares = [0.0] * len(tasks)
+    for i in range(count):
+        # right-aligned: the last micro-batch holds every task (DDP syncs on its backward)
+        here = [k for k, (micro, _) in enumerate(drawn) if i >= count - len(micro)]
+        batches = [drawn[k][0][i - count + len(drawn[k][0])].to(ctx.dist.device) for k in here]
+        scales = [micro_scale(len(b), drawn[k][1], world) for k, b in zip(here, batches)]
+        with ctx.sync(last=surgery is not None or i == count - 1):
+            module = ctx.local if surgery is not None else ctx.losses
+            losses = [loss if scale == 1.0 else loss * scale for loss, scale in
+                      zip(module([names[k] for k in here], batches), scales)]
+            for k, loss in zip(here, losses):
+                shares[k] += loss.item()
+            if surgery is None:
+                ctx.scale(torch.stack(losses).sum()).backward()
+            else:
+                for k, loss in zip(here, losses):
+                    surgery.backward(k, ctx.scale(loss), accumulate=i > count - len(drawn[k][0]))
+    values, stop = ctx.agree(shares, stop)
+    check_finite(values, names, "loss")
+    gram = None
+    if surgery is not None:
+        gram = surgery.combine_rows(values, ctx.loss_scale())  # the aggregator + diagnostics
+        ctx.reduce_grads(ctx.unshared)
+        if ctx.scaler is None:  # under fp16 an overflow skips the step instead
+            check_finite(gram.diagonal().tolist(), names, "gradient")
+    if ctx.scaler is not None:
+        ctx.scaler.step(optimizer)
+        ctx.scaler.update()
+    else:
+        optimizer.step()
+    return values, gram, stop
 
 
 class Trainer:
     """Trains, evaluates each epoch, keeps the best checkpoint by the mean dev metric, and
     writes metrics (JSON lines) and the best model's predictions into `run_dir`."""
 
-    def __init__(self, model: MultitaskBERT, tasks: list[Task], cfg, device: torch.device,
+    def __init__(self, model: MultitaskBERT, tasks: list[Task], cfg, dist: Dist,
                  run_dir: str, checkpoint_extra: dict, log: Callable[[str], None] = print):
-        """`cfg`: a run.RunConfig of the script (the trainer reads its fields directly)."""
-        self.model, self.tasks, self.cfg = model.to(device), tasks, cfg
-        self.device, self.run_dir, self.log = device, run_dir, log
+        """`cfg`: a run.RunConfig of the script (the trainer reads its fields directly).
+        Under torchrun every process runs a Trainer; only the main one (rank 0) writes."""
+        self.model, self.tasks, self.cfg = model.to(dist.device), tasks, cfg
+        self.dist, self.device, self.run_dir = dist, dist.device, run_dir
+        self.log = log if dist.is_main else (lambda *_: None)
         self.checkpoint_extra = checkpoint_extra
         self.model.train_encoder(not cfg.freeze_encoder)
-        self.streams = {t.name: TrainStream(t.train, t.collate, t.batch_size, cfg.bucket, cfg.seed)
+        self.streams = {t.name: TrainStream(t.train, t.collate, t.batch_size, cfg.bucket, cfg.seed,
+                                            cfg.grad_accumulation, dist.rank, dist.world_size,
+                                            pin=self.device.type == "cuda")
                         for t in tasks}
         self.eval_tasks = [t for t in tasks if t.spec.evaluated]
         self.best_path = os.path.join(run_dir, CHECKPOINT_FILE)
         self.last_path = os.path.join(run_dir, LAST_FILE)
         self.state = Progress(totals=[0.0] * len(tasks))
         self.diagnostics = GradDiagnostics(tasks)
-        self.stop_signal = 0
+        self.stop_signal = 0  # a signal this process received
+        self.agreed_stop = 0  # the signal any process received, as of the last step
         self.has_saved_state = False
-        self.steps = StepLog(run_dir, [t.name for t in tasks], cfg.log_every_steps, cfg.tensorboard)
+        self.steps = StepLog(run_dir, [t.name for t in tasks], cfg.log_every_steps if dist.is_main
+                             else 0, cfg.tensorboard and dist.is_main)
         self.setup_optimizers()
+        fp16 = model.autocast == torch.float16
+        self.ctx = make_context(model, tasks, dist, fp16, find_unused=cfg.mode == "seq",
+                                ddp=self.surgery is None)
+        if self.surgery is not None:
+            self.surgery.reduce = all_reduce_mean_ if dist.enabled else None
+            in_buffer = {id(p) for p in self.surgery.params}
+            self.ctx.unshared = [p for p in model.parameters() if id(p) not in in_buffer]
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -129,7 +181,8 @@ class Trainer:
         if resume:
             load_state(self, self.last_path)
             self.restore_metrics_line()
-            self.steps.drop_after(self.state.global_step)
+            if self.dist.is_main:
+                self.steps.drop_after(self.state.global_step)
         previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.state.epoch <= self.cfg.epochs:
@@ -147,21 +200,33 @@ class Trainer:
         path = os.path.join(self.run_dir, METRICS_FILE)
         record = self.state.record
         done = read_jsonl(path) if os.path.exists(path) else []
-        if record and not any(r.get("epoch") == record["epoch"] for r in done):
+        if record and self.dist.is_main and not any(r.get("epoch") == record["epoch"] for r in done):
             append_jsonl(path, record)
 
     def on_signal(self, signum, frame) -> None:
         self.stop_signal = signum  # acted on after the current step (after_step)
 
-    def after_step(self) -> None:
+    def stop_now(self) -> int:
+        """The stop signal to act on now: on one process, any received so far; under
+        torchrun, the one agreed in the last step (every process stops at the same step)."""
+        return self.agreed_stop if self.dist.enabled else self.stop_signal
+
+    def after_step(self, stop: int = 0) -> None:
         """Save every --save_every_steps steps, and on a stop signal (then stop)."""
+        stop = stop or self.stop_now()
         every = self.cfg.save_every_steps
-        if self.stop_signal or (every and self.state.global_step % every == 0):
+        if stop or (every and self.state.global_step % every == 0):
             save_state(self, self.last_path)
-        if self.stop_signal:
+        stop = stop or self.stop_now()  # one process: a signal during the save
+        if stop:
             raise Interrupted(f"interrupted at epoch {self.state.epoch}, step {self.state.step}; "
-                              f"state saved. Continue with: --resume {self.run_dir}",
-                              self.stop_signal)
+                              f"state saved. Continue with: --resume {self.run_dir}", stop)
+
+    def step(self, tasks: list[Task], streams: list, optimizer, surgery) -> tuple[list, object]:
+        drawn = [stream.next_step() for stream in streams]
+        losses, gram, self.agreed_stop = self.guarded(train_step, self.ctx, tasks, drawn, optimizer,
+                                                      surgery, self.stop_signal)
+        return losses, gram
 
     def train_epoch_mix(self, epoch: int) -> tuple[dict, dict]:
         self.model.train()
@@ -173,9 +238,7 @@ class Trainer:
         bar = self.progress(range(self.state.step, self.steps_per_epoch), f"epoch {epoch} mix",
                             initial=self.state.step, total=self.steps_per_epoch)
         for _ in bar:
-            batches = [stream.next().to(self.device) for stream in streams]
-            losses, gram = self.guarded(mix_step, self.model, self.tasks, batches, optimizer,
-                                        self.surgery)
+            losses, gram = self.step(self.tasks, streams, optimizer, self.surgery)
             self.state.totals = [t + loss for t, loss in zip(self.state.totals, losses)]
             self.diagnostics.add(gram)
             self.log_step(bar, scheduler, losses, gram)
@@ -204,10 +267,9 @@ class Trainer:
         bar = self.progress(range(self.state.step, len(stream)), f"epoch {epoch} {task.name}",
                             initial=self.state.step, total=len(stream))
         for _ in bar:
-            losses, _ = self.guarded(mix_step, self.model, [task], [stream.next().to(self.device)],
-                                     optimizer)
-            self.state.totals[index] += losses[0]
-            self.log_step(bar, scheduler, [losses[0] if i == index else math.nan
+            (loss,), _ = self.step([task], [stream], optimizer, None)
+            self.state.totals[index] += loss
+            self.log_step(bar, scheduler, [loss if i == index else math.nan
                                            for i in range(len(self.tasks))], None)
             scheduler.step()
             self.state.advance()
@@ -226,11 +288,12 @@ class Trainer:
             return step(*args)
         except NonFinite as err:
             stop = Diverged(err, self)
-            write_json(os.path.join(self.run_dir, DIVERGED_FILE), stop.record)  # report.py reads it
+            if self.dist.is_main:  # report.py reads it
+                write_json(os.path.join(self.run_dir, DIVERGED_FILE), stop.record)
             raise stop from None
 
     def progress(self, iterable, desc: str, **kwargs):
-        return tqdm(iterable, desc=desc, leave=False, disable=not self.cfg.progress,
+        return tqdm(iterable, desc=desc, leave=False, disable=not (self.cfg.progress and self.dist.is_main),
                     dynamic_ncols=True, **kwargs)
 
     # --- epochs, evaluation and results --------------------------------------------------
@@ -239,7 +302,7 @@ class Trainer:
         """Evaluate; keep the best; then save the state of the next epoch's start before
         the epoch's metrics line, so metrics.jsonl never lists an epoch a resume would redo."""
         epoch = self.state.epoch
-        predictions = predict_all(self.model, self.eval_tasks, self.device, ("dev",))
+        predictions = predict_all(self.model, self.eval_tasks, self.device, ("dev",), self.dist)
         dev = dev_scores(predictions)
         score = overall(dev)
         record = {"epoch": epoch, "train_loss": losses, "dev": dev, "overall": score,
@@ -255,26 +318,33 @@ class Trainer:
         if self.balancer is not None:
             self.balancer.end_epoch(list(losses.values()))
         save_state(self, self.last_path)
-        append_jsonl(os.path.join(self.run_dir, METRICS_FILE), record)
-        if self.stop_signal:
-            self.after_step()
+        if self.dist.is_main:
+            append_jsonl(os.path.join(self.run_dir, METRICS_FILE), record)
+        _, stop = self.ctx.agree([], self.stop_signal)  # a signal during the evaluation
+        if stop:
+            self.after_step(stop)
 
     def write(self, predictions: list[Predictions]) -> None:
-        for p in predictions:
+        for p in predictions if self.dist.is_main else []:
             p.write(self.run_dir)
 
     def save_best(self, epoch: int, dev: dict, score: float) -> None:
+        if not self.dist.is_main:
+            return
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         save_checkpoint(self.best_path, {"model": state, "epoch": epoch, "dev": dev,
                                          "overall": score, **self.checkpoint_extra})
 
     def finish(self) -> dict:
         """Reload the best checkpoint, write its test predictions, mark the run complete."""
-        self.model.load_state_dict(load_checkpoint(self.best_path)["model"])
-        self.write(predict_all(self.model, self.eval_tasks, self.device, ("test",)))
+        if self.dist.is_main:  # only rank 0 has the folder (each machine its own disk, maybe)
+            self.model.load_state_dict(load_checkpoint(self.best_path)["model"])
+        broadcast_parameters_(self.model)
+        self.write(predict_all(self.model, self.eval_tasks, self.device, ("test",), self.dist))
         summary = {"best_epoch": self.state.best_epoch, "best": self.state.best_dev,
                    "epochs": self.cfg.epochs}
-        write_json(os.path.join(self.run_dir, SUMMARY_FILE), summary)
-        if os.path.exists(self.last_path):  # complete: nothing left to resume
-            os.remove(self.last_path)
+        if self.dist.is_main:
+            write_json(os.path.join(self.run_dir, SUMMARY_FILE), summary)
+            if os.path.exists(self.last_path):  # complete: nothing left to resume
+                os.remove(self.last_path)
         return summary

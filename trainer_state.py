@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from errors import UserError
+from parallel import gather_objects
 from utils import load_checkpoint, save_checkpoint
 
 STATE_FORMAT = 1
@@ -83,7 +84,11 @@ def set_rng_states(states: dict) -> None:
 
 
 def save_state(trainer, path: str) -> None:
-    """Everything that decides the rest of the run, atomically."""
+    """Everything that decides the rest of the run, atomically. Under torchrun every
+    process calls it (each one's random state is gathered); rank 0 writes."""
+    ranks_rng = gather_objects(rng_states())  # dropout draws differ between processes
+    if not trainer.dist.is_main:
+        return
     parts = {"aggregator": trainer.aggregator, "balancer": trainer.balancer}
     save_checkpoint(path, {
         "format": STATE_FORMAT,
@@ -95,7 +100,9 @@ def save_state(trainer, path: str) -> None:
         "diagnostics": trainer.diagnostics.state_dict(),
         "steplog": trainer.steps.state_dict(),
         **{name: part.state_dict() for name, part in parts.items() if part is not None},
-        "rng": rng_states(),
+        "rng": ranks_rng[0],
+        "rng_ranks": ranks_rng,
+        "world_size": trainer.dist.world_size,
         "config": trainer.checkpoint_extra["config"],
     })
     trainer.has_saved_state = True
@@ -103,6 +110,11 @@ def save_state(trainer, path: str) -> None:
 
 def load_state(trainer, path: str) -> None:
     saved = load_checkpoint(path, ("format", "model", "optimizers", "progress"))
+    world_size = saved.get("world_size", 1)
+    if world_size != trainer.dist.world_size:
+        raise UserError(f"{path} was saved by {world_size} process(es); resume it with as many "
+                        f"(torchrun --nproc_per_node ...), not {trainer.dist.world_size}: the "
+                        "global batch, and so the run, depends on it")
     trainer.model.load_state_dict(saved["model"])
     for name, (optimizer, scheduler) in trainer.optimizers.items():
         optimizer.load_state_dict(saved["optimizers"][name])
@@ -116,5 +128,5 @@ def load_state(trainer, path: str) -> None:
         part = getattr(trainer, name)
         if part is not None and name in saved:
             part.load_state_dict(saved[name])
-    set_rng_states(saved["rng"])
+    set_rng_states(saved["rng_ranks"][trainer.dist.rank] if "rng_ranks" in saved else saved["rng"])
     trainer.has_saved_state = True

@@ -60,6 +60,15 @@ def native_bf16(device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """--precision: fp32 (None), bf16 or fp16 autocast, or auto: bf16 where the hardware
+    computes it natively, else fp16 on a GPU (with loss scaling) and fp32 on a CPU."""
+    if precision == "auto":
+        if native_bf16(device):
+            return torch.bfloat16
+        return torch.float16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """--precision: fp32, bf16 (autocast), or auto (bf16 where the hardware has it)."""
-    return precision == "bf16" or (precision == "auto" and native_bf16(device))
+    return autocast_dtype(precision, device) == torch.bfloat16

@@ -60,22 +60,6 @@ def test_within_batch_drops_a_batch_smaller_than_the_world():
     assert len({i for p in parts for b in p for i in b}) == 8
 
 
-@pytest.mark.parametrize("kind", ["bucket", "shuffle", "shuffled_batches"])
-def test_strided_shards_take_every_world_th_batch(kind):
-    make = global_samplers(n=23, batch=3)[kind]  # 8 global batches
-    reference = epochs(make())
-    per_rank = [epochs(D.ShardedBatches(make(), r, 3)) for r in range(3)]
-    for epoch, batches in enumerate(reference):
-        parts = [ranks[epoch] for ranks in per_rank]
-        assert [len(p) for p in parts] == [2, 2, 2] == [len(D.ShardedBatches(make(), r, 3))
-                                                        for r in range(3)]
-        kept = batches[:6]  # the 8 % 3 tail batches are dropped
-        assert [b for group in zip(*parts) for b in group] == kept
-        indices = [i for p in parts for b in p for i in b]
-        assert len(indices) == len(set(indices))  # no example twice
-    assert epochs(D.ShardedBatches(make(), 2, 3)) == per_rank[2]
-
-
 def test_shard_range_covers_once_in_order():
     for n in range(0, 12):
         for world in (1, 2, 3, 5):
@@ -273,16 +257,23 @@ class ListCollate:
 
 
 @pytest.mark.parametrize("bucket", [False, True])
-def test_shard_loader_splits_make_loaders_batches(bucket):
-    from datasets import Example, make_loader
-    examples = [Example(f"e{i}" * (1 + i % 3), ("x",)) for i in range(13)]
-    make = lambda: make_loader(examples, ListCollate(), 4, shuffle=True, bucket=bucket,  # noqa
-                               seed=1)
-    # 13 = 4 + 4 + 4 + 1: the batch of 1 cannot be split in two and is dropped
-    single = [[b for b in make_epoch if len(b) >= WORLD] for make_epoch in epochs(make())]
-    sharded = [D.shard_loader(make(), D.Dist(r, WORLD, r, torch.device("cpu")))
-               for r in range(WORLD)]
-    per_rank = [[list(loader) for _ in range(2)] for loader in sharded]
-    for epoch in range(2):
-        assert [a + b for a, b in zip(per_rank[0][epoch], per_rank[1][epoch])] == single[epoch]
-    assert single[0] != single[1] and len(sharded[0]) == len(per_rank[0][0]) == 3
+def test_train_streams_split_global_batches_over_ranks_and_micro_batches(bucket):
+    """2 ranks x 2 micro-batches of b = one process's batch of 4b, example for example."""
+    from datasets import Example, TrainStream
+    examples = [Example(f"e{i}" * (1 + i % 3), ("x",)) for i in range(29)]
+
+    def steps(stream, n):
+        return [stream.next_step() for _ in range(n)]
+    single = TrainStream(examples, ListCollate(), 8, bucket, seed=1)
+    split = [TrainStream(examples, ListCollate(), 2, bucket, seed=1, micro=2, rank=r, world_size=2)
+             for r in range(2)]
+    assert len(single) == len(split[0]) == len(split[1]) == 4  # 8, 8, 8, 5
+    reference = steps(single, 8)  # two passes
+    per_rank = [steps(s, 8) for s in split]
+    for (batches, size), (part0, size0), (part1, size1) in zip(reference, *per_rank):
+        assert size == size0 == size1 == len(batches[0])
+        assert sum(part0 + part1, []) == batches[0]  # rank order, then micro-batch order
+        assert all(1 <= len(m) <= 2 for m in part0 + part1)
+    assert reference[:4] != reference[4:]  # the second pass is reshuffled
+    # the resumable position counts global batches on every rank alike
+    assert split[0].state_dict() == split[1].state_dict() == single.state_dict()

@@ -152,7 +152,7 @@ def test_bf16_forward_is_fp32_out_and_close(tiny_checkpoint, tiny_data):
     model = MultitaskBERT(encoder, {"sts": task.head})
     with torch.no_grad():
         full = model("sts", batch)
-        model.bf16 = True
+        model.autocast = torch.bfloat16
         half = model("sts", batch)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, full, atol=0.1, rtol=0.05)

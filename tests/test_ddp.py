@@ -1,0 +1,145 @@
+"""Data parallelism end to end: `torchrun --nproc_per_node 2` (gloo, CPU) runs the real
+scripts, and gradient accumulation in one process. With dropout off and fp32,
+2 processes x batch b, and 1 process x 2 micro-batches of b, both equal 1 process x batch
+2b: the same examples make the same update (sharding.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+
+import multitask_classifier as mtc
+from evaluation import read_predictions
+from config import BertConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = {"sum": [], "pcgrad": ["--pcgrad"]}
+
+
+@pytest.fixture(scope="module")
+def still_checkpoint(tmp_path_factory) -> str:
+    """The tiny BERT without dropout: runs that see the same examples must match."""
+    from bert import BertModel
+    from conftest import SPECIAL, WORDS
+    from helpers import to_hf_state_dict, write_checkpoint
+    config = BertConfig(vocab_size=len(SPECIAL + WORDS), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return write_checkpoint(tmp_path_factory.mktemp("still_bert"), config,
+                            to_hf_state_dict(BertModel(config)), vocab=SPECIAL + WORDS)
+
+
+def args(checkpoint, data, run_dir, batch, *extra):
+    return ["--checkpoint", checkpoint, "--data_dir", data, "--run_dir", str(run_dir),
+            "--epochs", "2", "--lr", "1e-3", "--hidden_dropout_prob", "0", "--no-progress",
+            "--max_length", "64", "--seed", "3", "--save_every_steps", "0", "--subsample", "23",
+            *(f"--batch_size_{t}={batch}" for t in ("sst", "quora", "sts")), *extra]
+
+
+def torchrun(argv, processes=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={processes}", os.path.join(ROOT, "multitask_classifier.py"),
+                           *argv], capture_output=True, text=True, env=env, timeout=300)
+
+
+def weights(run_dir):
+    return torch.load(os.path.join(run_dir, "best.pt"), weights_only=True)["model"]
+
+
+def assert_same_model(a, b, atol=1e-5):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=atol, msg=name)
+
+
+def lines(run_dir, name="metrics.jsonl"):
+    with open(os.path.join(run_dir, name)) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def runs(still_checkpoint, tiny_data, tmp_path_factory):
+    """Per method: 2 processes x batch 3 (torchrun) and 1 process x batch 6."""
+    if not (torch_dist.is_available() and torch_dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    root = tmp_path_factory.mktemp("ddp")
+    found = {}
+    for method, extra in METHODS.items():
+        two, one = root / f"{method}-2x3", root / f"{method}-1x6"
+        done = torchrun(args(still_checkpoint, tiny_data, two, 3, *extra))
+        assert done.returncode == 0, done.stderr[-3000:]
+        mtc.main(args(still_checkpoint, tiny_data, one, 6, *extra))
+        found[method] = (str(two), str(one), done)
+    return found
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_processes_equal_one_on_the_global_batch(runs, method):
+    two, one, _ = runs[method]
+    assert_same_model(two, one)
+    for a, b in zip(lines(two), lines(one)):
+        assert a["epoch"] == b["epoch"]
+        for task, loss in a["train_loss"].items():
+            assert loss == pytest.approx(b["train_loss"][task], rel=1e-5)
+        for task, score in a["dev"].items():  # sharded, gathered evaluation = one process's
+            assert score == pytest.approx(b["dev"][task], abs=1e-6)
+    if method == "pcgrad":  # every process combined the same all-reduced gradients
+        for pair, stats in lines(one)[0]["grad"].items():
+            assert lines(two)[0]["grad"][pair]["conflict"] == stats["conflict"]
+            assert lines(two)[0]["grad"][pair]["cos"] == pytest.approx(stats["cos"], abs=2e-4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_only_rank_zero_writes_one_run_folder(runs, method):
+    two, one, done = runs[method]
+    with open(os.path.join(two, "config.json")) as f:
+        assert json.load(f)["world_size"] == 2
+    assert len(lines(two)) == 2 and os.path.isfile(os.path.join(two, "summary.json"))
+    assert not os.path.exists(os.path.join(two, "last.pt"))
+    assert done.stdout.count("epoch 1:") == 1  # one process logs
+    assert "x 2 processes" in done.stdout and "batch 3 x 2 processes = 6" in done.stdout
+    for name in sorted(os.listdir(os.path.join(one, "predictions"))):
+        found, want = (read_predictions(os.path.join(d, "predictions", name)) for d in (two, one))
+        assert list(found) == list(want)  # every example once, in file order
+        assert [float(v) for v in found.values()] == pytest.approx([float(v) for v in want.values()], abs=1e-4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_accumulation_equals_the_larger_batch(still_checkpoint, tiny_data, tmp_path, method):
+    """2 micro-batches of 3, then one step = one batch of 6 (each epoch's last batch is
+    short: the micro-batches' losses are weighted by their shares)."""
+    extra = METHODS[method]
+    micro = mtc.main(args(still_checkpoint, tiny_data, tmp_path / "micro", 3,
+                          "--grad_accumulation", "2", *extra))
+    whole = mtc.main(args(still_checkpoint, tiny_data, tmp_path / "whole", 6, *extra))
+    assert_same_model(micro, whole)
+    for a, b in zip(lines(micro), lines(whole)):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+def test_resume_needs_the_same_number_of_processes(runs, still_checkpoint, tiny_data, tmp_path):
+    """A run saved by 2 processes does not continue on 1 (its global batch would change)."""
+    import run as run_module
+    from errors import UserError
+    from trainer_state import save_state
+    two, _, _ = runs["sum"]
+    cfg = mtc.MultitaskConfig(**{k: v for k, v in json.load(open(os.path.join(two, "config.json"))).items()
+                                 if k != "world_size"})
+    s = run_module.setup(cfg)
+    tasks = mtc.build_tasks(cfg, s.tokenizer, s.encoder.config, ("train", "dev"))
+    from distributed import Dist
+    from trainer import Trainer
+    trainer = Trainer(run_module.build_model(cfg, s.encoder, tasks, s.device), tasks, cfg,
+                      Dist(0, 1, 0, torch.device("cpu")), str(tmp_path), {"config": {}})
+    trainer.dist = Dist(0, 2, 0, torch.device("cpu"))
+    save_state(trainer, str(tmp_path / "last.pt"))
+    trainer.dist = Dist(0, 1, 0, torch.device("cpu"))
+    with pytest.raises(UserError, match="saved by 2 process"):
+        from trainer_state import load_state
+        load_state(trainer, str(tmp_path / "last.pt"))
