@@ -16,6 +16,7 @@ import torch
 from base_bert import default_checkpoint_path, from_pretrained
 from cli import parse_config
 from optimizer import AdamW
+from utils import choose_device
 
 
 @dataclass
@@ -30,6 +31,7 @@ class BenchConfig:
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
     compare_hf: bool = field(default=False, metadata={"help": "also time transformers' BertModel"})
     bf16: bool = field(default=False, metadata={"help": "also time ours under bfloat16 autocast"})
+    use_gpu: bool = field(default=False, metadata={"help": "run on CUDA (when present)"})
 
 
 def random_batch(cfg: BenchConfig, vocab_size: int) -> dict[str, torch.Tensor]:
@@ -42,13 +44,21 @@ def random_batch(cfg: BenchConfig, vocab_size: int) -> dict[str, torch.Tensor]:
             "token_type_ids": torch.zeros_like(ids)}
 
 
+def sync() -> None:
+    """CUDA runs asynchronously: time whole kernels, not their launches."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def rate(fn: Callable[[], None], cfg: BenchConfig) -> float:
     """Padded tokens per second of `fn` over cfg.steps calls after cfg.warmup calls."""
     for _ in range(cfg.warmup):
         fn()
+    sync()
     start = time.perf_counter()
     for _ in range(cfg.steps):
         fn()
+    sync()
     return cfg.steps * cfg.batch_size * cfg.seq_len / (time.perf_counter() - start)
 
 
@@ -57,7 +67,8 @@ def measure(model: torch.nn.Module, batch: dict, cfg: BenchConfig,
     opt = AdamW(model.parameters(), lr=1e-5)
 
     def forward() -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        device_type = batch["input_ids"].device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
             out = model(**batch)
         return out.last_hidden_state.float().mean() + out.pooler_output.float().mean()
 
@@ -95,15 +106,17 @@ def main() -> None:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     folder = cfg.checkpoint or default_checkpoint_path()
-    ours = from_pretrained(folder)
-    batch = random_batch(cfg, ours.config.vocab_size)
+    device = choose_device(cfg.use_gpu)
+    ours = from_pretrained(folder).to(device)
+    batch = {k: v.to(device) for k, v in random_batch(cfg, ours.config.vocab_size).items()}
     real = int(batch["attention_mask"].sum())
     print(f"checkpoint {folder}\nbatch {cfg.batch_size} x {cfg.seq_len} "
           f"({real / batch['attention_mask'].numel():.0%} real tokens), "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}, "
+          f"torch {torch.__version__}")
     models = {"ours": (ours, False)}
     if cfg.compare_hf and (theirs := hf_model(folder)) is not None:
-        models["transformers"] = (theirs, False)
+        models["transformers"] = (theirs.to(device), False)
     if cfg.bf16:
         models["ours bf16"] = (ours, True)
     results: dict[str, dict[str, float]] = {name: {} for name in models}
