@@ -3,9 +3,11 @@ one error handler. Torch-free, so that grid.py and report.py parse options witho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
 import sys
 from dataclasses import fields
@@ -99,12 +101,26 @@ def run_cli(main: Callable[[], Any]) -> int:
     """A script's entry point: bad input (a data file, a checkpoint, an option) becomes
     one clear message on stderr and exit code 2, not a traceback."""
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.INFO)
-    try:
-        main()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Interrupted as stop:
-        print(str(stop), file=sys.stderr)
-        return stop.exit_code
+    with quiet_unless_main():
+        try:
+            main()
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except Interrupted as stop:
+            if int(os.environ.get("RANK", "0")) == 0:  # every process stopped at the same step
+                print(str(stop), file=sys.stderr)
+            return stop.exit_code
     return 0
+
+
+@contextlib.contextmanager
+def quiet_unless_main():
+    """Under torchrun every process runs the script: only rank 0 prints and warns (the
+    others' errors still reach stderr)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        yield
+        return
+    logging.getLogger().setLevel(logging.ERROR)
+    with open(os.devnull, "w", encoding="utf-8") as devnull, contextlib.redirect_stdout(devnull):
+        yield

@@ -40,11 +40,11 @@ def args(checkpoint, data, run_dir, batch, *extra):
             *(f"--batch_size_{t}={batch}" for t in ("sst", "quora", "sts")), *extra]
 
 
-def torchrun(argv, processes=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+def torchrun(argv, processes=2, script=("multitask_classifier.py",), **env):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **env}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={processes}", os.path.join(ROOT, "multitask_classifier.py"),
-                           *argv], capture_output=True, text=True, env=env, timeout=300)
+                           f"--nproc_per_node={processes}", os.path.join(ROOT, script[0]),
+                           *script[1:], *argv], capture_output=True, text=True, env=env, timeout=300)
 
 
 def weights(run_dir):
@@ -143,3 +143,19 @@ def test_resume_needs_the_same_number_of_processes(runs, still_checkpoint, tiny_
     with pytest.raises(UserError, match="saved by 2 process"):
         from trainer_state import load_state
         load_state(trainer, str(tmp_path / "last.pt"))
+
+
+def test_killed_torchrun_run_resumes_exactly(runs, still_checkpoint, tiny_data, tmp_path):
+    """Both processes die (SIGKILL) right after the epoch-1 save; `torchrun ... --resume`
+    continues on 2 processes and ends where the uninterrupted run ended."""
+    run_dir = tmp_path / "run"
+    killed = torchrun(args(still_checkpoint, tiny_data, run_dir, 3, "--pcgrad"),
+                      script=("tests/die_after_save.py", "multitask"), KILL_AFTER_SAVES="1")
+    assert killed.returncode != 0 and os.path.isfile(run_dir / "last.pt")
+    assert not os.path.exists(run_dir / "summary.json")
+    done = torchrun(["--resume", str(run_dir), "--no-progress"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference, _, _ = runs["pcgrad"]
+    assert_same_model(str(run_dir), reference, atol=0)
+    assert lines(str(run_dir)) == [dict(r, seconds=a["seconds"]) for r, a in
+                                   zip(lines(reference), lines(str(run_dir)))]
