@@ -110,7 +110,8 @@ class Trainer:
                                               **cfg.aggregator_options())
             self.balancer = make_balancer(cfg.balance, len(self.tasks))
             self.combined = cfg.aggregator != "sum" or cfg.balance != "none"
-            self.surgery = PCGrad(shared, len(self.tasks), combine=self.combine) \
+            self.surgery = PCGrad(shared, len(self.tasks), combine=self.combine,
+                                  sparse_rows=[self.model.encoder.word_embedding.weight]) \
                 if shared and (self.combined or cfg.grad_diagnostics) else None
         else:
             # seq: a separate AdamW per task, over the encoder and that task's head.
@@ -119,6 +120,15 @@ class Trainer:
                                        cfg.epochs * len(self.streams[t.name]))
                 for t in self.tasks}
             self.aggregator = self.balancer = self.surgery = None
+
+    def step_surgery(self, global_step: int) -> PCGrad | None:
+        """The per-task gradient pass for the step after `global_step` steps, or None for
+        the plain summed backward: every step for an aggregator or a balancing; for the
+        diagnostics alone, steps N, 2N, ... (1-based, as steps.jsonl numbers them, so that
+        its records fall on sampled steps). A pure function of the step: resume stays exact."""
+        if self.surgery is None or self.combined:
+            return self.surgery
+        return self.surgery if (global_step + 1) % self.cfg.grad_diagnostics_every == 0 else None
 
     def combine(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         return balanced_weights(gram, losses, self.aggregator, self.balancer)
@@ -175,7 +185,7 @@ class Trainer:
         for _ in bar:
             batches = [stream.next().to(self.device) for stream in streams]
             losses, gram = self.guarded(mix_step, self.model, self.tasks, batches, optimizer,
-                                        self.surgery)
+                                        self.step_surgery(self.state.global_step))
             self.state.totals = [t + loss for t, loss in zip(self.state.totals, losses)]
             self.diagnostics.add(gram)
             self.log_step(bar, scheduler, losses, gram)
