@@ -23,9 +23,9 @@ from cli import parse_config
 from datasets import TrainStream, default_data_dir
 from multitask_classifier import MultitaskConfig, build_tasks
 from optimizer import AdamW
-from parallel import make_context
+from step import make_context
 from pcgrad import PCGrad
-from trainer import train_step
+from step import train_step
 
 
 @dataclass

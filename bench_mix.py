@@ -1,40 +1,72 @@
-"""Cost of PCGrad: times finetune-mix steps (a batch of SST, Quora and STS each, forward,
-backward, AdamW) on the packaged checkpoint, plain (losses summed) against PCGrad, on the
-same real batches, alternating rounds. Prints ms/step and the PCGrad/plain ratio.
+"""Cost of the gradient aggregators: times finetune-mix steps (a batch of SST, Quora and STS
+each, forward, backward, AdamW) on the packaged checkpoint, on the same real batches, in
+rounds: the plain step (losses summed), the plain step with the gradient
+diagnostics (the Gram matrix), every --aggregator and every --balance (on the sum).
+Prints ms/step and the ratio to the plain step.
 
     python bench_mix.py [--steps 8] [--rounds 3] [--data_dir data] [--precision bf16]
+        [--methods pcgrad,grad_norm]
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 import run
-from cli import parse_config
+from aggregators import AGGREGATORS, make_aggregator
+from balancing import BALANCERS, balanced_weights, make_balancer
+from cli import parse_config, run_cli
 from datasets import default_data_dir, make_loader
+from errors import ConfigError
 from multitask_classifier import MultitaskConfig, build_tasks
 from optimizer import AdamW
 from pcgrad import PCGrad, gram_matrix
-from trainer import mix_step
+from step import mix_step
+
+PLAIN, DIAGNOSTICS = "plain (sum)", "plain + diagnostics"
 
 
 @dataclass
 class MixBenchConfig:
     steps: int = field(default=8, metadata={"help": "timed steps per round and method"})
-    rounds: int = field(default=3, metadata={"help": "alternating rounds; the best is kept"})
+    rounds: int = field(default=3, metadata={"help": "rounds; per batch and method the best is kept"})
+    methods: str = field(default="", metadata={
+        "help": "comma-separated aggregators / balancings to time (default: all)"})
     data_dir: str = field(default_factory=default_data_dir)
     checkpoint: str = ""
     precision: str = field(default="fp32", metadata={
         "help": "bf16: time steps under bfloat16 autocast", "choices": ["fp32", "bf16", "auto"]})
     seed: int = 0
+    use_gpu: bool = field(default=False, metadata={"help": "run on CUDA (when present)"})
+
+
+def make_methods(shared: list, sparse_rows: list, num_tasks: int, chosen: str) -> dict:
+    """name -> PCGrad (None: the plain summed backward). Aggregators on unbalanced losses,
+    balancings under the sum, each combining as the trainer does (balanced_weights)."""
+    names = chosen.split(",") if chosen else [*AGGREGATORS][1:] + [*BALANCERS][1:]
+    unknown = set(names) - set(AGGREGATORS) - set(BALANCERS)
+    if unknown:
+        raise ConfigError(f"--methods: unknown {', '.join(sorted(unknown))}; choose from "
+                          f"{', '.join([*AGGREGATORS][1:] + [*BALANCERS][1:])}")
+    methods = {PLAIN: None, DIAGNOSTICS: ("sum", "none")}
+    for name in names:
+        methods[name if name in AGGREGATORS else f"sum + {name}"] = \
+            (name, "none") if name in AGGREGATORS else ("sum", name)
+    for label, parts in methods.items():
+        if parts is not None:
+            aggregator, balancer = make_aggregator(parts[0], num_tasks), make_balancer(parts[1], num_tasks)
+            methods[label] = PCGrad(shared, num_tasks, sparse_rows=sparse_rows, combine=lambda gram,
+                                    losses, a=aggregator, b=balancer: balanced_weights(gram, losses, a, b))
+    return methods
 
 
 def main() -> None:
     cfg = parse_config(MixBenchConfig, description=__doc__)
     task_cfg = MultitaskConfig(data_dir=cfg.data_dir, checkpoint=cfg.checkpoint, seed=cfg.seed,
-                               precision=cfg.precision, progress=False)
+                               precision=cfg.precision, progress=False, use_gpu=cfg.use_gpu)
     s = run.setup(task_cfg)
     encoder = s.encoder
     tasks = build_tasks(task_cfg, s.tokenizer, encoder.config, ("train",))
@@ -45,27 +77,35 @@ def main() -> None:
                                 seed=cfg.seed)) for t in tasks]
     steps = [[next(s) for s in streams] for _ in range(cfg.steps + 1)]  # +1 warm-up step
     optimizer = AdamW(model.parameters(), lr=1e-5)
-    methods = {
-        "plain (sum)": None,
-        "plain + diagnostics": PCGrad(shared, len(tasks), project=False),
-        "PCGrad": PCGrad(shared, len(tasks), project=True),
-    }
-    best = {name: float("inf") for name in methods}
-    for _ in range(cfg.rounds):  # alternate, so that drift on a shared machine hits all alike
-        for name, surgery in methods.items():
-            mix_step(model, tasks, steps[0], optimizer, surgery)
-            start = time.perf_counter()
-            for batches in steps[1:]:
+    methods = make_methods(shared, [encoder.word_embedding.weight], len(tasks), cfg.methods)
+    for surgery in methods.values():  # warm-up: each method's buffers and first allocations
+        mix_step(model, tasks, steps[0], optimizer, surgery)
+    # Each method runs each batch once a round, the methods in turn on the same batch, so
+    # that drift on a shared machine hits all alike; per batch the fastest round is kept.
+    best = {name: [float("inf")] * cfg.steps for name in methods}
+    for _ in range(cfg.rounds):
+        for i, batches in enumerate(steps[1:]):
+            for name, surgery in methods.items():
+                start = time.perf_counter()
                 mix_step(model, tasks, batches, optimizer, surgery)
-            best[name] = min(best[name], (time.perf_counter() - start) / cfg.steps)
+                if s.device.type == "cuda":
+                    torch.cuda.synchronize()
+                best[name][i] = min(best[name][i], time.perf_counter() - start)
+    best = {name: sum(times) / cfg.steps for name, times in best.items()}
     tokens = sum(b.encoded.input_ids.numel() for batches in steps[1:] for b in batches) / cfg.steps
     print(f"{len(tasks)} tasks ({', '.join(f'{t.name} batch {t.batch_size}' for t in tasks)}), "
           f"{tokens:.0f} padded tokens/step, {torch.get_num_threads()} threads, "
-          f"{'bf16 autocast' if model.bf16 else 'fp32'}")
-    for name, seconds in best.items():
-        print(f"{name:>20}: {1000 * seconds:7.0f} ms/step, {tokens / seconds:,.0f} padded tokens/s, "
-              f"{seconds / best['plain (sum)']:.3f}x plain")
-    grads = methods["PCGrad"].grads  # (K, P), the last step's real gradients
+          f"{'bf16 autocast' if model.bf16 else 'fp32'}, best of {cfg.rounds} rounds x {cfg.steps} steps")
+    every = MultitaskConfig.grad_diagnostics_every
+    plain, diagnostics = best[PLAIN], best[DIAGNOSTICS]
+    rows = list(best.items())
+    # The trainer computes the diagnostics on one step in `every` (sum, no balancing): the
+    # others are plain steps, so their cost per step is the mean of the two.
+    rows.insert(2, (f"+ diagnostics 1 in {every}", plain + (diagnostics - plain) / every))
+    print(f"{'method':>30}  ms/step  x plain")
+    for name, seconds in rows:
+        print(f"{name:>30}  {1000 * seconds:7.0f}  {seconds / plain:6.3f}x")
+    grads = methods[DIAGNOSTICS].grads  # (K, P), the last step's real gradients
     blocked, single = (best_time(fn, grads) for fn in (gram_matrix, lambda g: g @ g.T))
     print(f"Gram matrix of ({grads.shape[0]}, {grads.shape[1]:,}): blocked {1000 * blocked:.1f} ms, "
           f"one matmul {1000 * single:.1f} ms ({single / blocked:.1f}x)")
@@ -82,4 +122,4 @@ def best_time(fn, *args, repeats: int = 10) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -31,6 +31,7 @@ class ClassifierConfig(run.RunConfig):
     aggregator: ClassVar[str] = "sum"
     balance: ClassVar[str] = "none"
     grad_diagnostics: ClassVar[bool] = False
+    grad_diagnostics_every: ClassVar[int] = 1
     seq_order: ClassVar[str] = ""
 
     def __post_init__(self) -> None:

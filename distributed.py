@@ -157,6 +157,15 @@ def broadcast_parameters_(module: torch.nn.Module, src: int = 0) -> None:
         torch_dist.broadcast(tensor.data, src)
 
 
+def gather_objects(value) -> list:
+    """Every process's `value`, in rank order ([value] on one process)."""
+    if not active():
+        return [value]
+    found: list = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(found, value)
+    return found
+
+
 # --- evaluation ----------------------------------------------------------------------------
 
 def gather_predictions(ids: Sequence, values: Sequence, labels: Sequence

@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import accuracy_score
 
 from datasets import make_loader
-from parallel import gather_objects
+from distributed import gather_objects
 from runfiles import PREDICTIONS_DIR, atomic_write
 
 

@@ -26,14 +26,13 @@ from errors import Interrupted
 from evaluation import Predictions, dev_scores, overall, predict_all
 from heads import MultitaskBERT
 from optimizer import AdamW
-from parallel import StepContext, make_context
+from step import make_context, train_step
 from pcgrad import PCGrad
-from sharding import micro_scale
 from steplog import StepLog
 from runfiles import (CHECKPOINT_FILE, DIVERGED_FILE, LAST_FILE, METRICS_FILE, SUMMARY_FILE, append_jsonl,
                       read_jsonl, write_json)
 from tasks import Task
-from trainer_state import Diverged, NonFinite, Progress, check_finite, load_state, save_state
+from trainer_state import Diverged, NonFinite, Progress, load_state, save_state
 from utils import load_checkpoint, save_checkpoint
 
 
@@ -53,62 +52,6 @@ def make_optimizer(encoder_params, head_params, cfg, total_steps: int):
             return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
         return 1.0
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def mix_step(model: MultitaskBERT, tasks: list[Task], batches: list, optimizer,
-             surgery: PCGrad | None = None) -> tuple[list[float], torch.Tensor | None]:
-    """One finetune-mix step on one process: a batch of every task, the encoder gradients
-    summed or combined by `surgery`. Returns the task losses and the gradient Gram matrix."""
-    device = next(model.parameters()).device
-    ctx = make_context(model, tasks, Dist(0, 1, 0, device), fp16=False, find_unused=False)
-    drawn = [([b], len(b)) for b in batches]
-    values, gram, _ = train_step(ctx, tasks, drawn, optimizer, surgery)
-    return values, gram
-
-
-def train_step(ctx: StepContext, tasks: list[Task], drawn: list, optimizer,
-               surgery: PCGrad | None = None, stop: int = 0) -> tuple[list[float], torch.Tensor | None, int]:
-    """One optimizer step. drawn[k]: task k's micro-batches on this process and its global
-    batch size. Gradients accumulate over the micro-batches (each mean loss scaled by its
-    share of the global batch: sharding.micro_scale); then the plain sum (averaged over
-    processes by DDP) or `surgery`'s combination; then the step (skipped by the fp16 loss
-    scaler on an overflow). Returns the global mean task losses, the Gram matrix and the
-    stop signal all processes agreed on. A non-finite loss or gradient raises NonFinite
-    before anything is updated."""
-    optimizer.zero_grad(set_to_none=True)
-    names, world = [t.name for t in tasks], ctx.dist.world_size
-    count = max(len(micro) for micro, _ in drawn)
-    shares = [0.0] * len(tasks)
-    for i in range(count):
-        # right-aligned: the last micro-batch holds every task (DDP syncs on its backward)
-        here = [k for k, (micro, _) in enumerate(drawn) if i >= count - len(micro)]
-        batches = [drawn[k][0][i - count + len(drawn[k][0])].to(ctx.dist.device) for k in here]
-        scales = [micro_scale(len(b), drawn[k][1], world) for k, b in zip(here, batches)]
-        with ctx.sync(last=surgery is not None or i == count - 1):
-            module = ctx.local if surgery is not None else ctx.losses
-            losses = [loss if scale == 1.0 else loss * scale for loss, scale in
-                      zip(module([names[k] for k in here], batches), scales)]
-            for k, loss in zip(here, losses):
-                shares[k] += loss.item()
-            if surgery is None:
-                ctx.scale(torch.stack(losses).sum()).backward()
-            else:
-                for k, loss in zip(here, losses):
-                    surgery.backward(k, ctx.scale(loss), accumulate=i > count - len(drawn[k][0]))
-    values, stop = ctx.agree(shares, stop)
-    check_finite(values, names, "loss")
-    gram = None
-    if surgery is not None:
-        gram = surgery.combine_rows(values, ctx.loss_scale())  # the aggregator + diagnostics
-        ctx.reduce_grads(ctx.unshared)
-        if ctx.scaler is None:  # under fp16 an overflow skips the step instead
-            check_finite(gram.diagonal().tolist(), names, "gradient")
-    if ctx.scaler is not None:
-        ctx.scaler.step(optimizer)
-        ctx.scaler.update()
-    else:
-        optimizer.step()
-    return values, gram, stop
 
 
 class Trainer:
@@ -146,6 +89,7 @@ class Trainer:
             self.surgery.reduce = all_reduce_mean_ if dist.enabled else None
             in_buffer = {id(p) for p in self.surgery.params}
             self.ctx.unshared = [p for p in model.parameters() if id(p) not in in_buffer]
+            self.ctx.trainable = [p for p in model.parameters() if p.requires_grad]
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -162,8 +106,8 @@ class Trainer:
                                               **cfg.aggregator_options())
             self.balancer = make_balancer(cfg.balance, len(self.tasks))
             self.combined = cfg.aggregator != "sum" or cfg.balance != "none"
-            self.surgery = PCGrad(shared, len(self.tasks), combine=self.combine) \
-                if shared and (self.combined or cfg.grad_diagnostics) else None
+            wanted = shared and (self.combined or cfg.grad_diagnostics)
+            self.surgery = self.gradient_buffer(shared) if wanted else None
         else:
             # seq: a separate AdamW per task, over the encoder and that task's head.
             self.optimizers = {
@@ -171,6 +115,22 @@ class Trainer:
                                        cfg.epochs * len(self.streams[t.name]))
                 for t in self.tasks}
             self.aggregator = self.balancer = self.surgery = None
+
+    def gradient_buffer(self, shared: list) -> PCGrad:
+        # The word embedding as sparse rows on one process without micro-batches only: an
+        # all-reduce or a second micro-batch may reach rows this process's first did not.
+        sparse = self.cfg.grad_accumulation == 1 and not self.dist.enabled
+        return PCGrad(shared, len(self.tasks), combine=self.combine,
+                      sparse_rows=[self.model.encoder.word_embedding.weight] if sparse else [])
+
+    def step_surgery(self, global_step: int) -> PCGrad | None:
+        """The per-task gradient pass for the step after `global_step` steps, or None for
+        the plain summed backward: every step for an aggregator or a balancing; for the
+        diagnostics alone, steps N, 2N, ... (1-based, as steps.jsonl numbers them, so that
+        its records fall on sampled steps). A pure function of the step: resume stays exact."""
+        if self.surgery is None or self.combined:
+            return self.surgery
+        return self.surgery if (global_step + 1) % self.cfg.grad_diagnostics_every == 0 else None
 
     def combine(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         return balanced_weights(gram, losses, self.aggregator, self.balancer)
@@ -238,7 +198,8 @@ class Trainer:
         bar = self.progress(range(self.state.step, self.steps_per_epoch), f"epoch {epoch} mix",
                             initial=self.state.step, total=self.steps_per_epoch)
         for _ in bar:
-            losses, gram = self.step(self.tasks, streams, optimizer, self.surgery)
+            losses, gram = self.step(self.tasks, streams, optimizer,
+                                     self.step_surgery(self.state.global_step))
             self.state.totals = [t + loss for t, loss in zip(self.state.totals, losses)]
             self.diagnostics.add(gram)
             self.log_step(bar, scheduler, losses, gram)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from errors import UserError
-from parallel import gather_objects
+from distributed import gather_objects
 from utils import load_checkpoint, save_checkpoint
 
 STATE_FORMAT = 1

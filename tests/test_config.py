@@ -40,6 +40,8 @@ def test_inconsistent_options():
         parse_config(MultitaskConfig, ["--tasks", "sts,sts"])
     with pytest.raises(ConfigError, match="--eval_only needs --load"):
         parse_config(MultitaskConfig, ["--eval_only"])
+    with pytest.raises(ConfigError, match="--grad_diagnostics_every must be positive"):
+        parse_config(MultitaskConfig, ["--grad_diagnostics_every", "0"])
 
 
 def test_positional_field_is_optional_and_typed():

@@ -265,3 +265,67 @@ def test_gram_matrix_blocks_match_double_precision():
     expected = grads.double() @ grads.double().T
     torch.testing.assert_close(gram_matrix(grads).double(), expected, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(gram_matrix(grads, block=1000).double(), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_each_step_overwrites_the_task_rows():
+    """The buffer is never zeroed: each task's backward writes its row (a post-accumulate
+    hook copies each gradient in), so stale values, even NaN, cannot leak into a step, and a
+    shared parameter that a task does not reach gets a zero row."""
+    shared, heads, losses = two_task_model()
+    unused = torch.nn.Parameter(torch.ones(3))  # shared, but no task's loss reads it
+    g1, g2 = per_task_flat_gradients(shared, heads, losses)
+    surgery = PCGrad([*shared.parameters(), unused], num_tasks=2, project=False)
+    for _ in range(2):
+        surgery.grads.fill_(float("nan"))
+        gram = surgery.pc_backward(losses())
+        expected = torch.stack([torch.cat([g1, torch.zeros(3)]), torch.cat([g2, torch.zeros(3)])])
+        torch.testing.assert_close(surgery.grads, expected)
+        torch.testing.assert_close(gram, expected @ expected.T)
+        torch.testing.assert_close(unused.grad, torch.zeros(3))
+        assert all(head.weight.grad is not None for head in heads)  # no hook on the heads
+        shared.zero_grad(set_to_none=True), heads.zero_grad(set_to_none=True)
+
+
+def embedding_tasks(seed):
+    """Three tasks on an embedding + linear layer, each reading its own few token ids (the
+    third none, on odd steps), so that most embedding rows get no gradient."""
+    torch.manual_seed(seed)
+    embedding, linear = torch.nn.Embedding(50, 6, padding_idx=0), torch.nn.Linear(6, 1)
+
+    def losses(step):
+        ids = torch.randint(0, 50, (3, 4), generator=torch.Generator().manual_seed(step))
+        out = [linear(embedding(ids[k])).pow(2).mean() * (k + 1) for k in range(3)]
+        return out[:2] + [linear.weight.sum() ** 2] if step % 2 else out
+    return [embedding.weight, *linear.parameters()], embedding.weight, losses
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_sparse_rows_equal_the_dense_buffer(reduction):
+    """SparseRows reads only the embedding rows some task reaches; the buffer, the Gram
+    matrix and the update equal the dense computation's, step after step, as the rows change."""
+    params, embedding, losses = embedding_tasks(seed=5)
+    dense = PCGrad(params, 3, reduction=reduction, seed=1)
+    sparse = PCGrad(params, 3, reduction=reduction, seed=1, sparse_rows=[embedding])
+    assert sparse.dense_size == sum(p.numel() for p in params[1:])  # the embedding goes last
+    for step in range(4):
+        gram = dense.pc_backward(losses(step))
+        expected = [p.grad.clone() for p in params]
+        torch.testing.assert_close(sparse.pc_backward(losses(step)), gram, rtol=1e-6, atol=1e-7)
+        for p, grad in zip(params, expected):
+            torch.testing.assert_close(p.grad, grad, rtol=1e-6, atol=1e-7)
+        position = {id(p): i for i, p in enumerate(dense.params)}
+        for k in range(3):
+            for view, p in zip(sparse.task_views[k], sparse.params):
+                torch.testing.assert_close(view, dense.task_views[k][position[id(p)]])
+
+
+def test_sparse_rows_arguments_and_nan():
+    params, embedding, losses = embedding_tasks(seed=5)
+    with pytest.raises(ValueError, match="sparse_rows"):
+        PCGrad(params[1:], 3, sparse_rows=[embedding])  # not a shared parameter
+    with pytest.raises(ValueError, match="sparse_rows"):
+        PCGrad(params, 3, sparse_rows=[embedding], reduce=lambda grads: None)
+    surgery = PCGrad(params, 3, sparse_rows=[embedding])
+    step = losses(0)
+    step[0] = step[0] * float("nan")  # a NaN gradient row is live: the Gram shows it
+    assert not torch.isfinite(surgery.pc_backward(step).diagonal()[0])

@@ -8,9 +8,9 @@ import run
 from distributed import Dist
 from multitask_classifier import MultitaskConfig, build_tasks
 from optimizer import AdamW
-from parallel import make_context
+from step import make_context
 from pcgrad import PCGrad
-from trainer import train_step
+from step import train_step
 from utils import autocast_dtype
 
 

@@ -63,6 +63,8 @@ def reference(tiny_checkpoint, tiny_data, tmp_path_factory):
 
 
 MODES = {"mix-pcgrad": ["--mode", "mix", "--pcgrad", "--hidden_dropout_prob", "0.1"],
+         # the diagnostics on steps 3, 6, ...: saves at steps 4 and 8 fall between them
+         "mix-sampled": ["--mode", "mix", "--grad_diagnostics_every", "3"],
          "seq": ["--mode", "seq"]}
 
 

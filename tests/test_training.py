@@ -26,7 +26,8 @@ def epochs(run_dir):
 @pytest.mark.parametrize("extra", [
     ["--option", "pretrain", "--mode", "mix", "--quora_encoding", "bi"],
     ["--option", "finetune", "--mode", "seq"],
-    ["--option", "finetune", "--mode", "mix", "--quora_encoding", "cross", "--sts_encoding", "cross"],
+    ["--option", "finetune", "--mode", "mix", "--quora_encoding", "cross", "--sts_encoding", "cross",
+     "--grad_diagnostics_every", "2"],
     ["--option", "finetune", "--mode", "mix", "--pcgrad"],
     ["--option", "finetune", "--mode", "mix", "--pcgrad", "--aux", "AUX"],
     ["--option", "finetune", "--mode", "mix", "--pcgrad", "--precision", "bf16"],
@@ -71,6 +72,22 @@ def test_steps_jsonl_is_a_live_log(tiny_checkpoint, tiny_data, tmp_path):
     # the mean of the logged windows is the epoch's mean loss
     epoch1 = epochs(run_dir)[0]["train_loss"]["sst"]
     assert sum(r["loss"]["sst"] for r in records[:3]) / 3 == pytest.approx(epoch1)
+
+
+@pytest.mark.parametrize("extra, sampled", [(["--grad_diagnostics_every", "4"], {4, 8, 12}),
+                                           (["--grad_diagnostics_every", "4", "--pcgrad"], set(range(1, 13)))])
+def test_diagnostics_are_sampled_on_every_nth_step(tiny_checkpoint, tiny_data, tmp_path, extra, sampled):
+    """With the sum, the Gram matrix is computed on steps N, 2N, ... only, and the epoch
+    means are over those steps; an aggregator needs it, and logs it, every step."""
+    run_dir = mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "run", "--epochs", "2",
+                                "--log_every_steps", "1", *extra))
+    with open(os.path.join(run_dir, "steps.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert len(records) == 12  # 6 steps an epoch
+    assert {r["step"] for r in records if "grad_norm" in r} == sampled
+    for epoch in epochs(run_dir):
+        logged = [r["grad_norm"]["sts"] for r in records if r["epoch"] == epoch["epoch"] and "grad_norm" in r]
+        assert epoch["grad_norm"]["sts"] == pytest.approx(sum(logged) / len(logged), rel=1e-4)
 
 
 def test_a_subset_of_tasks_trains_alone(tiny_checkpoint, tiny_data, tmp_path):

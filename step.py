@@ -1,0 +1,161 @@
+"""One optimizer step (train_step): gradients accumulated over micro-batches, combined by
+the plain sum or an aggregator, averaged over torchrun's processes (DistributedDataParallel
+for the plain sum; one all-reduce of the per-task gradient buffer for the aggregators),
+under fp16 loss scaling where asked. One StepContext per run holds how; on one process in
+fp32 it does nothing at all, so that path stays exactly as it was.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import distributed
+from distributed import Dist
+from heads import MultitaskBERT
+from pcgrad import PCGrad
+from sharding import micro_scale
+from tasks import Task
+from trainer_state import check_finite
+
+
+class TaskLosses(nn.Module):
+    """The mean losses of a step's tasks from ONE forward call: DistributedDataParallel
+    expects one forward per backward."""
+
+    def __init__(self, model: nn.Module, tasks: list):
+        super().__init__()
+        self.model = model
+        self.tasks = tasks  # a plain list: the heads are registered in `model`
+
+    def forward(self, names: list[str], batches: list) -> list[torch.Tensor]:
+        tasks = {t.name: t for t in self.tasks}
+        return [tasks[n].loss(self.model(n, b), b.labels) for n, b in zip(names, batches)]
+
+
+@dataclass
+class StepContext:
+    """`dist`: this process's place; `losses`: TaskLosses, wrapped in DDP when distributed
+    (for the plain sum), `local` the unwrapped one (per-task backward passes, which must
+    not sync); `scaler`: a GradScaler under fp16; `unshared`: the parameters outside the
+    aggregator's buffer, whose gradients (the heads') are averaged over processes apart."""
+    dist: Dist
+    losses: nn.Module
+    local: TaskLosses
+    scaler: torch.amp.GradScaler | None = None
+    unshared: list = field(default_factory=list)  # parameters outside the aggregator's buffer
+    trainable: list = field(default_factory=list)  # all of them, for plain steps without DDP
+
+    @property
+    def ddp_syncs(self) -> bool:
+        """Whether DDP averages the plain sum's gradients (else reduce_grads must, when
+        several processes run)."""
+        return isinstance(self.losses, DistributedDataParallel)
+
+    def sync(self, last: bool):
+        """DDP averages gradients on the last micro-batch's backward only."""
+        return nullcontext() if last or not self.dist.enabled else self.losses.no_sync()
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def loss_scale(self) -> float:
+        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+
+    def agree(self, values: list[float], stop: int) -> tuple[list[float], int]:
+        """The step's task losses averaged over processes (each process passes its share,
+        see sharding.micro_scale) and the largest stop signal any process received: every
+        process then takes the same decisions (log, diverge, save, stop) at the same step."""
+        if not self.dist.enabled:
+            return values, stop
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if torch_dist.get_backend() == "nccl" else torch.device("cpu")
+        packed = torch.tensor(values + [0.0], dtype=torch.float64, device=device)
+        torch_dist.all_reduce(packed[:-1])
+        flag = torch.tensor([float(stop)], dtype=torch.float64, device=device)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        return (packed[:-1] / self.dist.world_size).tolist(), int(flag.item())
+
+    def reduce_grads(self, params) -> None:
+        """Gradients the aggregator leaves alone (the heads'): averaged in one collective."""
+        distributed.all_reduce_grads_(params)
+
+
+def make_context(model: nn.Module, tasks: list, dist: Dist, fp16: bool, find_unused: bool,
+                 ddp: bool = True) -> StepContext:
+    """`find_unused`: some parameters get no gradient in a step (seq mode: one task's head).
+    `ddp=False`: gradients are averaged by the caller (the aggregators' path): no DDP, whose
+    hooks would sync every per-task backward pass."""
+    local = TaskLosses(model, tasks)
+    losses: nn.Module = local
+    if dist.enabled and not ddp:
+        distributed.broadcast_parameters_(model)  # every rank starts from rank 0's weights
+    elif dist.enabled:
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        # DDP broadcasts rank 0's parameters at construction: every rank starts the same.
+        losses = DistributedDataParallel(local, device_ids=device_ids,
+                                         find_unused_parameters=find_unused)
+    scaler = torch.amp.GradScaler(dist.device.type) if fp16 else None
+    return StepContext(dist, losses, local, scaler)
+
+
+def mix_step(model: MultitaskBERT, tasks: list[Task], batches: list, optimizer,
+             surgery: PCGrad | None = None) -> tuple[list[float], torch.Tensor | None]:
+    """One finetune-mix step on one process: a batch of every task, the encoder gradients
+    summed or combined by `surgery`. Returns the task losses and the gradient Gram matrix."""
+    device = next(model.parameters()).device
+    ctx = make_context(model, tasks, Dist(0, 1, 0, device), fp16=False, find_unused=False)
+    drawn = [([b], len(b)) for b in batches]
+    values, gram, _ = train_step(ctx, tasks, drawn, optimizer, surgery)
+    return values, gram
+
+
+def train_step(ctx: StepContext, tasks: list[Task], drawn: list, optimizer,
+               surgery: PCGrad | None = None, stop: int = 0) -> tuple[list[float], torch.Tensor | None, int]:
+    """One optimizer step. drawn[k]: task k's micro-batches on this process and its global
+    batch size. Gradients accumulate over the micro-batches (each mean loss scaled by its
+    share of the global batch: sharding.micro_scale); then the plain sum (averaged over
+    processes by DDP) or `surgery`'s combination; then the step (skipped by the fp16 loss
+    scaler on an overflow). Returns the global mean task losses, the Gram matrix and the
+    stop signal all processes agreed on. A non-finite loss or gradient raises NonFinite
+    before anything is updated."""
+    optimizer.zero_grad(set_to_none=True)
+    names, world = [t.name for t in tasks], ctx.dist.world_size
+    count = max(len(micro) for micro, _ in drawn)
+    shares = [0.0] * len(tasks)
+    for i in range(count):
+        # right-aligned: the last micro-batch holds every task (DDP syncs on its backward)
+        here = [k for k, (micro, _) in enumerate(drawn) if i >= count - len(micro)]
+        batches = [drawn[k][0][i - count + len(drawn[k][0])].to(ctx.dist.device) for k in here]
+        scales = [micro_scale(len(b), drawn[k][1], world) for k, b in zip(here, batches)]
+        with ctx.sync(last=surgery is not None or i == count - 1):
+            module = ctx.local if surgery is not None else ctx.losses
+            losses = [loss if scale == 1.0 else loss * scale for loss, scale in
+                      zip(module([names[k] for k in here], batches), scales)]
+            for k, loss in zip(here, losses):
+                shares[k] += loss.item()
+            if surgery is None:
+                ctx.scale(torch.stack(losses).sum()).backward()
+            else:
+                for k, loss in zip(here, losses):
+                    surgery.backward(k, ctx.scale(loss), accumulate=i > count - len(drawn[k][0]))
+    values, stop = ctx.agree(shares, stop)
+    check_finite(values, names, "loss")
+    gram = None
+    if surgery is None and not ctx.ddp_syncs:  # a plain step of a run that has the buffer
+        ctx.reduce_grads(ctx.trainable)
+    if surgery is not None:
+        gram = surgery.combine_rows(values, ctx.loss_scale())  # the aggregator + diagnostics
+        ctx.reduce_grads(ctx.unshared)
+        if ctx.scaler is None:  # under fp16 an overflow skips the step instead
+            check_finite(gram.diagonal().tolist(), names, "gradient")
+    if ctx.scaler is not None:
+        ctx.scaler.step(optimizer)
+        ctx.scaler.update()
+    else:
+        optimizer.step()
+    return values, gram, stop
