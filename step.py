@@ -58,7 +58,7 @@ class StepContext:
 
     def sync(self, last: bool):
         """DDP averages gradients on the last micro-batch's backward only."""
-        return nullcontext() if last or not self.dist.enabled else self.losses.no_sync()
+        return self.losses.no_sync() if self.ddp_syncs and not last else nullcontext()
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
@@ -74,11 +74,11 @@ class StepContext:
             return values, stop
         device = torch.device("cuda", torch.cuda.current_device()) \
             if torch_dist.get_backend() == "nccl" else torch.device("cpu")
-        packed = torch.tensor(values + [0.0], dtype=torch.float64, device=device)
-        torch_dist.all_reduce(packed[:-1])
+        total = torch.tensor(values, dtype=torch.float64, device=device)
+        torch_dist.all_reduce(total)
         flag = torch.tensor([float(stop)], dtype=torch.float64, device=device)
         torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-        return (packed[:-1] / self.dist.world_size).tolist(), int(flag.item())
+        return (total / self.dist.world_size).tolist(), int(flag.item())
 
     def reduce_grads(self, params) -> None:
         """Gradients the aggregator leaves alone (the heads'): averaged in one collective."""
@@ -88,8 +88,9 @@ class StepContext:
 def make_context(model: nn.Module, tasks: list, dist: Dist, fp16: bool, find_unused: bool,
                  ddp: bool = True) -> StepContext:
     """`find_unused`: some parameters get no gradient in a step (seq mode: one task's head).
-    `ddp=False`: gradients are averaged by the caller (the aggregators' path): no DDP, whose
-    hooks would sync every per-task backward pass."""
+    The per-task passes of the aggregators go through `local`, not DDP's forward, so DDP's
+    hooks stay idle in their backward passes (tests/test_ddp.py mixes both in one run).
+    `ddp=False`: no DDP at all; plain steps are then averaged by reduce_grads."""
     local = TaskLosses(model, tasks)
     losses: nn.Module = local
     if dist.enabled and not ddp:
@@ -117,33 +118,14 @@ def mix_step(model: MultitaskBERT, tasks: list[Task], batches: list, optimizer,
 def train_step(ctx: StepContext, tasks: list[Task], drawn: list, optimizer,
                surgery: PCGrad | None = None, stop: int = 0) -> tuple[list[float], torch.Tensor | None, int]:
     """One optimizer step. drawn[k]: task k's micro-batches on this process and its global
-    batch size. Gradients accumulate over the micro-batches (each mean loss scaled by its
-    share of the global batch: sharding.micro_scale); then the plain sum (averaged over
-    processes by DDP) or `surgery`'s combination; then the step (skipped by the fp16 loss
-    scaler on an overflow). Returns the global mean task losses, the Gram matrix and the
-    stop signal all processes agreed on. A non-finite loss or gradient raises NonFinite
-    before anything is updated."""
+    batch size. The gradients of the micro-batches accumulate (backward_all); then the
+    plain sum (averaged over processes by DDP) or `surgery`'s combination; then the step
+    (skipped by the fp16 loss scaler on an overflow). Returns the global mean task losses,
+    the Gram matrix and the stop signal all processes agreed on. A non-finite loss or
+    gradient raises NonFinite before anything is updated."""
     optimizer.zero_grad(set_to_none=True)
-    names, world = [t.name for t in tasks], ctx.dist.world_size
-    count = max(len(micro) for micro, _ in drawn)
-    shares = [0.0] * len(tasks)
-    for i in range(count):
-        # right-aligned: the last micro-batch holds every task (DDP syncs on its backward)
-        here = [k for k, (micro, _) in enumerate(drawn) if i >= count - len(micro)]
-        batches = [drawn[k][0][i - count + len(drawn[k][0])].to(ctx.dist.device) for k in here]
-        scales = [micro_scale(len(b), drawn[k][1], world) for k, b in zip(here, batches)]
-        with ctx.sync(last=surgery is not None or i == count - 1):
-            module = ctx.local if surgery is not None else ctx.losses
-            losses = [loss if scale == 1.0 else loss * scale for loss, scale in
-                      zip(module([names[k] for k in here], batches), scales)]
-            for k, loss in zip(here, losses):
-                shares[k] += loss.item()
-            if surgery is None:
-                ctx.scale(torch.stack(losses).sum()).backward()
-            else:
-                for k, loss in zip(here, losses):
-                    surgery.backward(k, ctx.scale(loss), accumulate=i > count - len(drawn[k][0]))
-    values, stop = ctx.agree(shares, stop)
+    names = [t.name for t in tasks]
+    values, stop = ctx.agree(backward_all(ctx, names, drawn, surgery), stop)
     check_finite(values, names, "loss")
     gram = None
     if surgery is None and not ctx.ddp_syncs:  # a plain step of a run that has the buffer
@@ -159,3 +141,29 @@ def train_step(ctx: StepContext, tasks: list[Task], drawn: list, optimizer,
     else:
         optimizer.step()
     return values, gram, stop
+
+
+def backward_all(ctx: StepContext, names: list[str], drawn: list,
+                 surgery: PCGrad | None) -> list[float]:
+    """Forward and backward every micro-batch, each mean loss scaled by its share of the
+    global batch (sharding.micro_scale): into .grad (plain sum) or each task's row of the
+    buffer (`surgery`). Returns this process's share of each task's mean loss."""
+    count, world = max(len(micro) for micro, _ in drawn), ctx.dist.world_size
+    shares = [0.0] * len(names)
+    for i in range(count):
+        # right-aligned: the last micro-batch holds every task (DDP syncs on its backward)
+        here = [k for k, (micro, _) in enumerate(drawn) if i >= count - len(micro)]
+        batches = [drawn[k][0][i - count + len(drawn[k][0])].to(ctx.dist.device) for k in here]
+        scales = [micro_scale(len(b), drawn[k][1], world) for k, b in zip(here, batches)]
+        with ctx.sync(last=i == count - 1):
+            module = ctx.local if surgery is not None else ctx.losses
+            losses = [loss if scale == 1.0 else loss * scale for loss, scale in
+                      zip(module([names[k] for k in here], batches), scales)]
+            for k, loss in zip(here, losses):
+                shares[k] += loss.item()
+            if surgery is None:
+                ctx.scale(torch.stack(losses).sum()).backward()
+                continue
+            for k, loss in zip(here, losses):
+                surgery.backward(k, ctx.scale(loss), accumulate=i > count - len(drawn[k][0]))
+    return shares

@@ -83,8 +83,7 @@ class Trainer:
                              else 0, cfg.tensorboard and dist.is_main)
         self.setup_optimizers()
         fp16 = model.autocast == torch.float16
-        self.ctx = make_context(model, tasks, dist, fp16, find_unused=cfg.mode == "seq",
-                                ddp=self.surgery is None)
+        self.ctx = make_context(model, tasks, dist, fp16, find_unused=cfg.mode == "seq")
         if self.surgery is not None:
             self.surgery.reduce = all_reduce_mean_ if dist.enabled else None
             in_buffer = {id(p) for p in self.surgery.params}

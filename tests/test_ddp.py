@@ -16,7 +16,9 @@ from evaluation import read_predictions
 from config import BertConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = {"sum": [], "pcgrad": ["--pcgrad"]}
+# sum: DDP's averaging, and every 3rd step the diagnostics' per-task pass (no DDP sync:
+# one all-reduce of the rows) in the same run
+METHODS = {"sum": ["--grad_diagnostics_every", "3"], "pcgrad": ["--pcgrad"]}
 
 
 @pytest.fixture(scope="module")
