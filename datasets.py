@@ -298,11 +298,6 @@ class TrainStream:
                    for indices in micro_batches(part, self.micro)]
         return [b.pin_memory() for b in batches] if self.pin else batches, global_size
 
-    def next(self) -> Batch:
-        """The next batch (one process, no accumulation)."""
-        batches, _ = self.next_step()
-        return batches[0]
-
     def state_dict(self) -> dict:
         started = self._batches is not None
         return {"pass": self.sampler.epoch - started, "taken": self.taken, "started": started}

@@ -30,11 +30,10 @@ class TaskLosses(nn.Module):
     def __init__(self, model: nn.Module, tasks: list):
         super().__init__()
         self.model = model
-        self.tasks = tasks  # a plain list: the heads are registered in `model`
+        self.tasks = {t.name: t for t in tasks}  # a plain dict: the heads are registered in `model`
 
     def forward(self, names: list[str], batches: list) -> list[torch.Tensor]:
-        tasks = {t.name: t for t in self.tasks}
-        return [tasks[n].loss(self.model(n, b), b.labels) for n, b in zip(names, batches)]
+        return [self.tasks[n].loss(self.model(n, b), b.labels) for n, b in zip(names, batches)]
 
 
 @dataclass

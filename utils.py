@@ -69,6 +69,3 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.float16 if device.type == "cuda" else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    return autocast_dtype(precision, device) == torch.bfloat16
