@@ -60,8 +60,8 @@ test: $(VENV)/.installed-extras
 	$(BIN)/python -m pytest -q tests
 
 bench: setup data
-	$(BIN)/python bench.py
-	$(BIN)/python bench_mix.py
+	$(BIN)/python -m bench.encoder
+	$(BIN)/python -m bench.mix
 
 clean-venv:
 	rm -rf $(VENV)

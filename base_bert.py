@@ -17,7 +17,7 @@ import torch
 
 from bert import BertModel
 from config import BertConfig
-from errors import CheckpointError
+from engine.errors import CheckpointError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 

@@ -10,11 +10,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import run
-from cli import explicit_options, parse_config, run_cli
-from errors import ConfigError
-from specs import CLASSIFIER_TASKS, SPECS
-from tasks import Task, build_task
+from engine import run
+from engine.cli import explicit_options, parse_config, run_cli
+from engine.errors import ConfigError
+from engine.specs import CLASSIFIER_TASKS, SPECS
+from engine.tasks import Task, build_task
 
 SCRIPT = "classifier"
 

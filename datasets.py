@@ -14,9 +14,9 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from errors import DataError
-from sharding import WithinBatchShards, micro_batches
-from specs import LabelSpec
+from engine.errors import DataError
+from engine.sharding import WithinBatchShards, micro_batches
+from engine.specs import LabelSpec
 from tokenizer import BertTokenizer, Encoded
 
 DATA_DIR_ENV = "MINBERT_DATA_DIR"

@@ -12,8 +12,8 @@ import torch
 from sklearn.metrics import accuracy_score
 
 from datasets import make_loader
-from distributed import gather_objects
-from runfiles import PREDICTIONS_DIR, atomic_write
+from engine.distributed import gather_objects
+from engine.runfiles import PREDICTIONS_DIR, atomic_write
 
 
 def accuracy(predictions: Sequence, labels: Sequence) -> float:

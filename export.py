@@ -23,13 +23,13 @@ import torch
 from base_bert import (default_checkpoint_path, load_pretrained, to_hf_config,
                        to_hf_state_dict)
 from bert import BertModel
-from cli import parse_config, run_cli
+from engine.cli import parse_config, run_cli
 from config import BertConfig
-from errors import CheckpointError, ConfigError
-from heads import head_kind
-from run import SAVED_KEYS
-from runfiles import file_mode
-from specs import AUX, SPECS, TaskSpec
+from engine.errors import CheckpointError, ConfigError
+from engine.heads import head_kind
+from engine.run import SAVED_KEYS
+from engine.runfiles import file_mode
+from engine.specs import AUX, SPECS, TaskSpec
 from tokenizer import lowercase_of
 from utils import load_checkpoint
 

@@ -26,10 +26,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Callable, Sequence
 
 import report
-from cli import build_parser, run_cli
-from errors import ConfigError, UserError
-from results import config_name, config_slug
-from runfiles import CONFIG_FILE, LAST_FILE, SUMMARY_FILE, holds_run, read_json
+from engine.cli import build_parser, run_cli
+from engine.errors import ConfigError, UserError
+from analysis.results import config_name, config_slug
+from engine.runfiles import CONFIG_FILE, LAST_FILE, SUMMARY_FILE, holds_run, read_json
 
 DATA_DIR_ENV = "MINBERT_DATA_DIR"  # the same variable the data loaders read
 AUX_FILE = "yelp-aux-train.csv"
@@ -190,7 +190,7 @@ HARMLESS = ("progress", "run_dir", "save_every_steps", "resume", "config")
 def trainer_config(argv: list[str]):
     """The trainer's own parser and config checks: the full configuration of a run."""
     import multitask_classifier  # imported late: it pulls in torch and the model
-    from cli import parse_config
+    from engine.cli import parse_config
     return parse_config(multitask_classifier.MultitaskConfig, argv)
 
 

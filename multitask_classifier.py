@@ -10,16 +10,16 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-import run
-from cli import explicit_options, parse_config, run_cli
-from errors import ConfigError
+from engine import run
+from engine.cli import explicit_options, parse_config, run_cli
+from engine.errors import ConfigError
 from datasets import subsample
 from evaluation import format_results
-from heads import ENCODINGS
-from aggregators import AGGREGATORS
-from balancing import BALANCERS
-from specs import AUX, SPECS, TASK_NAMES, canonical_tasks
-from tasks import Task, build_task
+from engine.heads import ENCODINGS
+from engine.aggregators import AGGREGATORS
+from engine.balancing import BALANCERS
+from engine.specs import AUX, SPECS, TASK_NAMES, canonical_tasks
+from engine.tasks import Task, build_task
 from utils import choose_device
 
 SCRIPT = "multitask"

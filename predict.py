@@ -21,14 +21,14 @@ import torch
 
 import classifier
 import multitask_classifier
-import run
-from cli import parse_config, run_cli
+from engine import run
+from engine.cli import parse_config, run_cli
 from datasets import Example, make_loader
-from errors import CheckpointError, ConfigError, DataError
+from engine.errors import CheckpointError, ConfigError, DataError
 from evaluation import format_prediction
-from runfiles import atomic_write
-from specs import SPECS
-from tasks import Task
+from engine.runfiles import atomic_write
+from engine.specs import SPECS
+from engine.tasks import Task
 from utils import choose_device
 
 # the "script" a best.pt names -> its config class and task builder

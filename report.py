@@ -16,11 +16,11 @@ import sys
 from dataclasses import dataclass, field
 
 
-from cli import parse_config, run_cli
-from compare import compare, format_comparison
-from plots import plot_forest, remove_stale, write_plots
-from results import LABELS, METRICS, Run, config_slug, find_runs, group_runs, metric_value
-from runfiles import CONFIG_FILE, METRICS_FILE, ResultsError, atomic_write, write_json
+from engine.cli import parse_config, run_cli
+from analysis.compare import compare, format_comparison
+from analysis.plots import plot_forest, remove_stale, write_plots
+from analysis.results import LABELS, METRICS, Run, config_slug, find_runs, group_runs, metric_value
+from engine.runfiles import CONFIG_FILE, METRICS_FILE, ResultsError, atomic_write, write_json
 
 
 # --- table ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from tokenizers import BertWordPieceTokenizer
 
-from errors import CheckpointError
+from engine.errors import CheckpointError
 
 DEFAULT_MAX_LENGTH = 128
 

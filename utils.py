@@ -8,8 +8,8 @@ import random
 import numpy as np
 import torch
 
-from errors import CheckpointError
-from runfiles import atomic_write
+from engine.errors import CheckpointError
+from engine.runfiles import atomic_write
 
 LOG = logging.getLogger("minbert")
 

@@ -7,7 +7,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import trainer  # noqa: E402
+from engine import trainer  # noqa: E402
 
 SAVES = int(os.environ["KILL_AFTER_SAVES"])
 SIGNAL = getattr(signal, "SIG" + os.environ.get("KILL_SIGNAL", "KILL"))

@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
-from aggregators import AGGREGATORS, make_aggregator
-from balancing import BALANCERS, balanced_weights, make_balancer
+from engine.aggregators import AGGREGATORS, make_aggregator
+from engine.balancing import BALANCERS, balanced_weights, make_balancer
 from pcgrad import project_conflicting
 
 NAMES = sorted(AGGREGATORS)

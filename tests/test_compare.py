@@ -4,10 +4,10 @@ import os
 
 import pytest
 
-import compare
-import plots
+from analysis import compare
+from analysis import plots
 import report
-import results
+from analysis import results
 from test_report import MIX, PCGRAD, PNG_SIGNATURE, write_run
 
 SUM = dict(MIX, aggregator="sum", balance="none")

@@ -1,7 +1,7 @@
 import pytest
 
-from cli import parse_config
-from errors import ConfigError
+from engine.cli import parse_config
+from engine.errors import ConfigError
 from multitask_classifier import MultitaskConfig
 
 

@@ -6,8 +6,8 @@ import pytest
 
 import classifier
 import multitask_classifier as mtc
-from cli import parse_config
-from errors import ConfigError
+from engine.cli import parse_config
+from engine.errors import ConfigError
 
 from test_training import run_args
 

@@ -8,7 +8,7 @@ import torch
 from base_bert import default_checkpoint_path
 from datasets import (BucketBatchSampler, Collator, DataError, Example, make_loader, read_pairs,
                       read_sentences, subsample)
-from specs import PARAPHRASE, SENTIMENT_5, SIMILARITY
+from engine.specs import PARAPHRASE, SENTIMENT_5, SIMILARITY
 from helpers import write_tsv
 from tokenizer import BertTokenizer
 

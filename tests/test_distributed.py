@@ -9,7 +9,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 from torch.utils.data import BatchSampler, RandomSampler
 
-import distributed as D
+from engine import distributed as D
 import pcgrad
 from datasets import BucketBatchSampler, ShuffledBatches
 from optimizer import AdamW

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from evaluation import accuracy, pearson, read_predictions, write_predictions
-from runfiles import atomic_write
+from engine.runfiles import atomic_write
 
 
 def pearson_by_hand(x, y):
@@ -72,7 +72,7 @@ def test_length_sorted_batches_predict_in_file_order(tiny_checkpoint, tiny_data)
     import torch
 
     import evaluation
-    import run
+    from engine import run
     from multitask_classifier import MultitaskConfig, build_tasks
     cfg = MultitaskConfig(checkpoint=tiny_checkpoint, data_dir=tiny_data, max_length=64,
                           progress=False)

@@ -16,7 +16,7 @@ from base_bert import convert_state_dict, from_pretrained, hf_name_map, to_hf_st
 from bert import BertModel, mean_pool
 from config import BertConfig
 from datasets import Collator, Example
-from heads import BiEncoderHead, LinearHead
+from engine.heads import BiEncoderHead, LinearHead
 from tokenizer import BertTokenizer
 
 SENTENCES = ["the movie is great .", "how do i cook rice ?", "a woman sings .",

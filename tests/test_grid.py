@@ -8,9 +8,9 @@ from dataclasses import asdict
 import pytest
 
 import grid
-import results
-from cli import run_cli
-from errors import ConfigError
+from analysis import results
+from engine.cli import run_cli
+from engine.errors import ConfigError
 
 
 class FakeTrainer:

@@ -4,13 +4,13 @@ autocast to float16 and torch.amp.GradScaler work there too. An overflow skips t
 import pytest
 import torch
 
-import run
-from distributed import Dist
+from engine import run
+from engine.distributed import Dist
 from multitask_classifier import MultitaskConfig, build_tasks
 from optimizer import AdamW
-from step import make_context
+from engine.step import make_context
 from pcgrad import PCGrad
-from step import train_step
+from engine.step import train_step
 from utils import autocast_dtype
 
 

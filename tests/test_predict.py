@@ -8,9 +8,9 @@ import classifier
 import multitask_classifier as mtc
 import predict
 from datasets import read_pairs, read_sentences
-from errors import CheckpointError, DataError
+from engine.errors import CheckpointError, DataError
 from evaluation import read_predictions
-from specs import SPECS
+from engine.specs import SPECS
 
 from test_training import run_args
 

@@ -4,11 +4,11 @@ import os
 
 import pytest
 
-import plots
+from analysis import plots
 import report
-import results
-import runfiles
-from cli import run_cli
+from analysis import results
+from engine import runfiles
+from engine.cli import run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MIX = {"option": "finetune", "mode": "mix", "pcgrad": False, "aux": "",

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from base_bert import default_checkpoint_path
-from errors import CheckpointError
+from engine.errors import CheckpointError
 from tokenizer import BertTokenizer
 
 

@@ -158,9 +158,9 @@ def test_cli_errors_name_the_problem(tiny_checkpoint, tiny_data, tmp_path, monke
 
 def test_bf16_forward_is_fp32_out_and_close(tiny_checkpoint, tiny_data):
     from base_bert import from_pretrained
-    from heads import MultitaskBERT
-    from specs import SPECS
-    from tasks import build_task
+    from engine.heads import MultitaskBERT
+    from engine.specs import SPECS
+    from engine.tasks import build_task
     from tokenizer import BertTokenizer
     encoder = from_pretrained(tiny_checkpoint).eval()
     task = build_task(SPECS["sts"], tiny_data, BertTokenizer.from_pretrained(tiny_checkpoint),
@@ -191,7 +191,7 @@ def test_pooler_trains_only_when_a_head_reads_it(tiny_checkpoint, tiny_data, tmp
 
 
 def test_heads_get_their_own_learning_rate_on_the_shared_schedule():
-    from trainer import make_optimizer
+    from engine.trainer import make_optimizer
     encoder, head = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
     settings = mtc.MultitaskConfig(epochs=1, lr=1e-5, head_lr=1e-3, warmup_ratio=0.5)
     optimizer, scheduler = make_optimizer(encoder.parameters(), head.parameters(), settings, 10)

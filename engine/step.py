@@ -14,13 +14,13 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import distributed
-from distributed import Dist
-from heads import MultitaskBERT
+from engine import distributed
+from engine.distributed import Dist
+from engine.heads import MultitaskBERT
 from pcgrad import PCGrad
-from sharding import micro_scale
-from tasks import Task
-from trainer_state import check_finite
+from engine.sharding import micro_scale
+from engine.tasks import Task
+from engine.trainer_state import check_finite
 
 
 class TaskLosses(nn.Module):

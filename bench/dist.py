@@ -4,7 +4,7 @@ arithmetic), plain sum (DDP) and PCGrad (one all-reduce of the (K, P) task rows)
 2-core CPU this measures overhead (collectives, duplicated Python), not a speedup. Also
 prints the bytes all-reduced per step.
 
-    python bench_dist.py [--steps 6] [--rounds 2] [--data_dir data]
+    python -m bench.dist [--steps 6] [--rounds 2] [--data_dir data]
 """
 from __future__ import annotations
 
@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.multiprocessing as mp
 
-import distributed
-import run
-from cli import parse_config
+from engine import distributed
+from engine import run
+from engine.cli import parse_config
 from datasets import TrainStream, default_data_dir
 from multitask_classifier import MultitaskConfig, build_tasks
 from optimizer import AdamW
-from step import make_context
+from engine.step import make_context
 from pcgrad import PCGrad
-from step import train_step
+from engine.step import train_step
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from aggregators import Aggregator
+from engine.aggregators import Aggregator
 
 
 def _as_vector(values) -> torch.Tensor:

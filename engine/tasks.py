@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from datasets import Collator, Example, read_pairs, read_sentences
 from evaluation import METRICS
-from heads import TaskHead, make_head
-from specs import TaskSpec
+from engine.heads import TaskHead, make_head
+from engine.specs import TaskSpec
 
 SPLITS = ("train", "dev", "test")
 FILE_SPLITS = {"train": "train", "dev": "dev", "test": "test-student"}

@@ -4,7 +4,7 @@ rounds: the plain step (losses summed), the plain step with the gradient
 diagnostics (the Gram matrix), every --aggregator and every --balance (on the sum).
 Prints ms/step and the ratio to the plain step.
 
-    python bench_mix.py [--steps 8] [--rounds 3] [--data_dir data] [--precision bf16]
+    python -m bench.mix [--steps 8] [--rounds 3] [--data_dir data] [--precision bf16]
         [--methods pcgrad,grad_norm]
 """
 from __future__ import annotations
@@ -15,16 +15,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-import run
-from aggregators import AGGREGATORS, make_aggregator
-from balancing import BALANCERS, balanced_weights, make_balancer
-from cli import parse_config, run_cli
+from engine import run
+from engine.aggregators import AGGREGATORS, make_aggregator
+from engine.balancing import BALANCERS, balanced_weights, make_balancer
+from engine.cli import parse_config, run_cli
 from datasets import default_data_dir, make_loader
-from errors import ConfigError
+from engine.errors import ConfigError
 from multitask_classifier import MultitaskConfig, build_tasks
 from optimizer import AdamW
 from pcgrad import PCGrad, gram_matrix
-from step import mix_step
+from engine.step import mix_step
 
 PLAIN, DIAGNOSTICS = "plain (sum)", "plain + diagnostics"
 

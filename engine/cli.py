@@ -13,7 +13,7 @@ import sys
 from dataclasses import fields
 from typing import Any, Callable, Sequence, Type, TypeVar, get_args, get_origin
 
-from errors import ConfigError, Interrupted, UserError
+from engine.errors import ConfigError, Interrupted, UserError
 
 T = TypeVar("T")
 

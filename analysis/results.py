@@ -13,8 +13,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from runfiles import CONFIG_FILE, DIVERGED_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_jsonl
-from specs import SPECS, TASK_NAMES, canonical_tasks
+from engine.runfiles import CONFIG_FILE, DIVERGED_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_jsonl
+from engine.specs import SPECS, TASK_NAMES, canonical_tasks
 
 METRICS = TASK_NAMES + ("overall",)
 LABELS = {**{name: SPECS[name].label_text for name in TASK_NAMES}, "overall": "Overall"}

@@ -19,7 +19,7 @@ import statistics
 
 import numpy as np
 
-from results import LABELS, METRICS, Run, aggregator, dropout_label, hand_weights, is_full, metric_value
+from analysis.results import LABELS, METRICS, Run, aggregator, dropout_label, hand_weights, is_full, metric_value
 
 ALPHA = 0.05
 BOOTSTRAP_RESAMPLES = 10_000

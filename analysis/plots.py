@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only: this also runs on machines without a displa
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from results import (LABELS, METRICS, Run, aggregator, dropout_label, hand_weights,  # noqa: E402
+from analysis.results import (LABELS, METRICS, Run, aggregator, dropout_label, hand_weights,  # noqa: E402
                      is_full, metric_value)
 
 DPI = 100

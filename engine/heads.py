@@ -16,7 +16,7 @@ from torch import nn
 
 from bert import BertModel, init_module, mean_pool
 from datasets import Batch
-from specs import TaskSpec
+from engine.specs import TaskSpec
 
 POOLINGS = ("mean", "cls", "pooler")
 ENCODINGS = ("cross", "bi")

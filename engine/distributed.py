@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.distributed as torch_dist
 
-from sharding import shard_range, shard_within_batches, split_sizes  # noqa: F401 (re-exported)
+from engine.sharding import shard_range, shard_within_batches, split_sizes  # noqa: F401 (re-exported)
 
 
 # --- process group -------------------------------------------------------------------------

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import os
 
-from errors import ConfigError
-from runfiles import atomic_write, read_jsonl, to_json
+from engine.errors import ConfigError
+from engine.runfiles import atomic_write, read_jsonl, to_json
 
 STEPS_FILE = "steps.jsonl"
 

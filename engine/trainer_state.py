@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from errors import UserError
-from distributed import gather_objects
+from engine.errors import UserError
+from engine.distributed import gather_objects
 from utils import load_checkpoint, save_checkpoint
 
 STATE_FORMAT = 1

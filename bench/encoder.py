@@ -3,7 +3,7 @@ the AdamW step) and for inference, on the packaged checkpoint at batch 32 x leng
 random real lengths. `--compare_hf` times transformers' BertModel on the same batches (if
 transformers is installed) and prints our/their ratios.
 
-    python bench.py [--checkpoint DIR] [--batch_size 32] [--seq_len 64] [--steps 10]
+    python -m bench.encoder [--checkpoint DIR] [--batch_size 32] [--seq_len 64] [--steps 10]
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from base_bert import default_checkpoint_path, from_pretrained
-from cli import parse_config
+from engine.cli import parse_config
 from optimizer import AdamW
 from utils import choose_device
 

@@ -17,22 +17,22 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from aggregators import make_aggregator
-from balancing import balanced_weights, make_balancer
+from engine.aggregators import make_aggregator
+from engine.balancing import balanced_weights, make_balancer
 from datasets import TrainStream
-from distributed import Dist, all_reduce_mean_, broadcast_parameters_
-from diagnostics import GradDiagnostics, format_epoch
-from errors import Interrupted
+from engine.distributed import Dist, all_reduce_mean_, broadcast_parameters_
+from engine.diagnostics import GradDiagnostics, format_epoch
+from engine.errors import Interrupted
 from evaluation import Predictions, dev_scores, overall, predict_all
-from heads import MultitaskBERT
+from engine.heads import MultitaskBERT
 from optimizer import AdamW
-from step import make_context, train_step
+from engine.step import make_context, train_step
 from pcgrad import PCGrad
-from steplog import StepLog
-from runfiles import (CHECKPOINT_FILE, DIVERGED_FILE, LAST_FILE, METRICS_FILE, SUMMARY_FILE, append_jsonl,
+from engine.steplog import StepLog
+from engine.runfiles import (CHECKPOINT_FILE, DIVERGED_FILE, LAST_FILE, METRICS_FILE, SUMMARY_FILE, append_jsonl,
                       read_jsonl, write_json)
-from tasks import Task
-from trainer_state import Diverged, NonFinite, Progress, load_state, save_state
+from engine.tasks import Task
+from engine.trainer_state import Diverged, NonFinite, Progress, load_state, save_state
 from utils import load_checkpoint, save_checkpoint
 
 

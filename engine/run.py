@@ -15,15 +15,15 @@ from base_bert import default_checkpoint_path, from_pretrained
 from bert import BertModel
 from config import BertConfig
 from datasets import default_data_dir
-from errors import CheckpointError, ConfigError
-from distributed import Dist, barrier, broadcast_object, init_distributed, shutdown
+from engine.errors import CheckpointError, ConfigError
+from engine.distributed import Dist, barrier, broadcast_object, init_distributed, shutdown
 from evaluation import Predictions, dev_scores, predict_all
-from heads import POOLINGS, MultitaskBERT
-from runfiles import (CONFIG_FILE, LAST_FILE, SUMMARY_FILE, holds_run, read_json,
+from engine.heads import POOLINGS, MultitaskBERT
+from engine.runfiles import (CONFIG_FILE, LAST_FILE, SUMMARY_FILE, holds_run, read_json,
                       start_run_dir)
-from tasks import SPLITS, Task
+from engine.tasks import SPLITS, Task
 from tokenizer import BertTokenizer
-from trainer import Trainer
+from engine.trainer import Trainer
 from utils import autocast_dtype, choose_device, load_checkpoint, seed_everything
 
 # (config, tokenizer, encoder config, splits to read) -> the script's tasks, heads fresh

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from gram_qp import cagrad_inner, solve_qp
+from engine.gram_qp import cagrad_inner, solve_qp
 from pcgrad import combine_weights
 
 # Aligned-MTL's official code drops eigenvalues below max * K * eps with torch's *default*

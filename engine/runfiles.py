@@ -8,7 +8,7 @@ import os
 import tempfile
 from typing import Any, Callable
 
-from errors import ConfigError, UserError
+from engine.errors import ConfigError, UserError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
