@@ -7,43 +7,14 @@ SST-5 or CFIMDB on a pooled sentence vector with dropout and a linear head.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
-from typing import ClassVar
 
 from engine import run
 from engine.cli import explicit_options, parse_config, run_cli
-from engine.errors import ConfigError
-from engine.specs import CLASSIFIER_TASKS, SPECS
+from engine.configs import ClassifierConfig
+from engine.specs import SPECS
 from engine.tasks import Task, build_task
 
 SCRIPT = "classifier"
-
-
-@dataclass
-class ClassifierConfig(run.RunConfig):
-    task: str = field(default="sst", metadata={"help": "dataset", "choices": list(CLASSIFIER_TASKS)})
-    option: str = field(default="pretrain", metadata={
-        "help": "pretrain: encoder frozen; finetune: everything trains",
-        "choices": ["pretrain", "finetune"]})
-    batch_size: int = 8
-    # One task: every step is a plain step, with nothing to combine or compare.
-    mode: ClassVar[str] = "mix"
-    aggregator: ClassVar[str] = "sum"
-    balance: ClassVar[str] = "none"
-    grad_diagnostics: ClassVar[bool] = False
-    grad_diagnostics_every: ClassVar[int] = 1
-    seq_order: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.batch_size <= 0:
-            raise ConfigError(f"--batch_size must be positive, got {self.batch_size}")
-
-    def aggregator_options(self) -> dict:
-        return {}
-
-    def run_name(self) -> str:
-        return f"{self.option}-{self.task}"
 
 
 def build_tasks(cfg: ClassifierConfig, tokenizer, bert_config, splits=run.SPLITS) -> list[Task]:

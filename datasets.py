@@ -19,13 +19,8 @@ from engine.sharding import WithinBatchShards, micro_batches
 from engine.specs import LabelSpec
 from tokenizer import BertTokenizer, Encoded
 
-DATA_DIR_ENV = "MINBERT_DATA_DIR"
 MAX_REPORTED_LINES = 5
 LOG = logging.getLogger("minbert.data")
-
-
-def default_data_dir() -> str:
-    return os.environ.get(DATA_DIR_ENV, "data")
 
 
 @dataclass

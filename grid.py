@@ -22,16 +22,16 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import report
-from engine.cli import build_parser, run_cli
+from engine.cli import build_parser, parse_config, run_cli
+from engine.configs import DATA_DIR_ENV, MultitaskConfig, default_data_dir
 from engine.errors import ConfigError, UserError
-from analysis.results import config_name, config_slug
+from analysis.results import config_name, config_slug, settings
 from engine.runfiles import CONFIG_FILE, LAST_FILE, SUMMARY_FILE, holds_run, read_json
 
-DATA_DIR_ENV = "MINBERT_DATA_DIR"  # the same variable the data loaders read
 AUX_FILE = "yelp-aux-train.csv"
 # Options that take several values (`--seeds 0 1 2`); the dataclass stores them as text.
 LIST_OPTIONS = ("rows", "seeds")
@@ -98,7 +98,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def data_dir(opts: GridOptions) -> str:
-    return opts.data_dir or os.environ.get(DATA_DIR_ENV, "data")
+    return opts.data_dir or default_data_dir()
 
 
 def table1_rows(aux_path: str) -> list[dict]:
@@ -189,21 +189,15 @@ HARMLESS = ("progress", "run_dir", "save_every_steps", "resume", "config")
 
 def trainer_config(argv: list[str]):
     """The trainer's own parser and config checks: the full configuration of a run."""
-    import multitask_classifier  # imported late: it pulls in torch and the model
-    from engine.cli import parse_config
-    return parse_config(multitask_classifier.MultitaskConfig, argv)
+    return parse_config(MultitaskConfig, argv)
 
 
-def config_differences(saved: dict, wanted) -> dict:
+def config_differences(saved: dict, wanted: MultitaskConfig) -> dict:
     """Setting -> (found, wanted) for every setting of `wanted` that `saved` does not share;
-    a setting the saved run predates counts as its default."""
-    defaults = {f.name: f.default for f in fields(wanted) if f.default is not MISSING}
-    differ = {}
-    for key, value in asdict(wanted).items():
-        found = saved.get(key, defaults.get(key))
-        if key not in HARMLESS and found != value:
-            differ[key] = (found, value)
-    return differ
+    a setting the saved run predates counts as its default (read through the config class)."""
+    found = asdict(settings(saved))
+    return {key: (found[key], value) for key, value in asdict(wanted).items()
+            if key not in HARMLESS and found[key] != value}
 
 
 def check_same_run(run_dir: str, argv: list[str]) -> None:

@@ -69,9 +69,6 @@ def gradient_cosines(gram: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, gram / denom.clamp(min=1e-30), torch.zeros_like(gram))
 
 
-Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (gram, losses) -> w (K,)
-
-
 class SparseRows:
     """The task gradients of a 2-D shared parameter whose gradient is mostly zero rows:
     the word embedding, where only the batch's tokens get one (~1k of 30k rows for MiniLM,
@@ -114,8 +111,9 @@ class SparseRows:
 
 class PCGrad:
     """Per-task backward passes into preallocated flat buffers, then PCGrad (or, with
-    project=False, the plain sum; or any Gram-space `combine`, see aggregators.py) written
-    back as the shared parameters' gradients.
+    project=False, the plain sum) written back as the shared parameters' gradients.
+    gram() and apply(weights) are the two halves of the combination, for any Gram-space
+    weighting (engine/combiner.py drives them with the aggregators).
 
     Only `shared_params` (the encoder) take part: each head belongs to one task, gets its
     task's gradient unchanged through ordinary accumulation, and stays out of the
@@ -126,7 +124,6 @@ class PCGrad:
 
     def __init__(self, shared_params: Iterable[torch.nn.Parameter], num_tasks: int,
                  project: bool = True, reduction: str = "sum", seed: int = 0,
-                 combine: Combine | None = None,
                  reduce: Callable[[torch.Tensor], None] | None = None,
                  sparse_rows: Iterable[torch.nn.Parameter] = ()):
         """`sparse_rows`: shared 2-D parameters whose gradients are mostly zero rows (the
@@ -144,7 +141,6 @@ class PCGrad:
         self.project = project
         self.reduction = reduction
         self.rng = random.Random(seed)
-        self.combine = combine or (lambda gram, _: combine_weights(gram, self.rng, project, reduction))
         self.reduce = reduce
         size = sum(p.numel() for p in self.params)
         device = self.params[0].device if self.params else torch.device("cpu")
@@ -157,7 +153,7 @@ class PCGrad:
         first = len(self.params) - len(sparse)
         self.sparse = [SparseRows([views[i] for views in self.task_views], self.update_views[i])
                        for i in range(first, len(self.params))]
-        self.last_weights: torch.Tensor | None = None
+        self._live: list[torch.Tensor] = []  # this step's sparse rows, from gram() to apply()
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         views, offset = [], 0
@@ -167,39 +163,36 @@ class PCGrad:
         return views
 
     def pc_backward(self, losses: Sequence[torch.Tensor], shared_graph: bool = False) -> torch.Tensor:
-        """Backward each task's loss, combine the shared gradients, and return the
-        (K, K) Gram matrix of the task gradients for diagnostics. `shared_graph=True`
-        when the losses share part of one graph (one forward pass for all tasks)."""
+        """Backward each task's loss, write the PCGrad update (or the plain sum) as the
+        shared gradients, and return the (K, K) Gram matrix of the task gradients.
+        `shared_graph=True` when the losses share part of one graph (one forward pass)."""
         if len(losses) != self.num_tasks:
             raise ValueError(f"expected {self.num_tasks} losses, got {len(losses)}")
         for k, loss in enumerate(losses):
             self.backward(k, loss, retain_graph=shared_graph and k < len(losses) - 1)
-        return self.combine_rows([loss.item() for loss in losses])
+        gram = self.gram()
+        self.apply(combine_weights(gram.double().cpu(), self.rng, self.project, self.reduction))
+        return gram.detach().cpu()
 
-    def combine_rows(self, losses: Sequence[float], grad_scale: float = 1.0) -> torch.Tensor:
-        """The rows' combination written as the shared parameters' gradients; returns the
-        Gram matrix. `grad_scale`: the factor every loss was multiplied by (fp16 loss
-        scaling): the weights come from the true Gram matrix (not every method is
-        scale-invariant), and the written update stays scaled, for the scaler to unscale."""
+    def gram(self, grad_scale: float = 1.0) -> torch.Tensor:
+        """The Gram matrix of the rows (after `reduce`), (K, K). `grad_scale`: the factor
+        every loss was multiplied by (fp16 loss scaling): the matrix is of the true
+        gradients, since not every combination is scale-invariant."""
         if self.reduce is not None:
             self.reduce(self.grads)
+        self._live = [rows.gather() for rows in self.sparse]  # each (K, n * H)
         dense = self.grads[:, :self.dense_size]  # (K, D)
-        live = [rows.gather() for rows in self.sparse]  # each (K, n * H)
-        gram = sum((gram_matrix(part) for part in live), gram_matrix(dense)) / grad_scale ** 2
-        values = torch.tensor(list(losses), dtype=torch.float64)
-        if grad_scale != 1.0 and not torch.isfinite(gram).all():
-            # an fp16 overflow: the scaler skips this step (the update holds inf too)
-            weights = torch.ones(self.num_tasks, dtype=torch.float64)
-        else:
-            weights = self.combine(gram.double().cpu(), values)
-        self.last_weights = weights
+        return sum((gram_matrix(part) for part in self._live), gram_matrix(dense)) / grad_scale ** 2
+
+    def apply(self, weights: torch.Tensor) -> None:
+        """sum_k w[k] g_k written as the shared parameters' gradients (after gram(); the
+        update keeps any loss scale, for the scaler to unscale)."""
         weights = weights.to(self.grads)
-        torch.mv(dense.T, weights, out=self.update[:self.dense_size])  # (D,)
-        for rows, part in zip(self.sparse, live):
+        torch.mv(self.grads[:, :self.dense_size].T, weights, out=self.update[:self.dense_size])
+        for rows, part in zip(self.sparse, self._live):
             rows.write_update(part, weights)
         for p, view in zip(self.params, self.update_views):
             p.grad = view
-        return gram.detach().cpu()
 
     def backward(self, k: int, loss: torch.Tensor, accumulate: bool = False,
                  retain_graph: bool = False) -> None:

@@ -58,14 +58,24 @@ class PredictConfig:
             raise ConfigError(f"--batch_size must be positive, got {self.batch_size}")
 
 
+def load_trained(path: str, device: torch.device, precision: str = "fp32", checkpoint: str = ""
+                 ) -> tuple[dict, run.RunConfig, torch.nn.Module, list[Task]]:
+    """A best.pt of either script, rebuilt through the run path: the saved checkpoint, its
+    config, the model it was trained as (weights loaded strictly) and its tasks (no data read).
+    `checkpoint`: the folder of its vocabulary, when not the run's own --checkpoint."""
+    saved = run.load_saved(path)
+    config_cls, make_tasks = SCRIPTS[run.saved_script(saved)]
+    changes = {"checkpoint": checkpoint} if checkpoint else {}
+    cfg = config_cls.from_saved(saved["config"], data_dir="", eval_only=False, load="",
+                                use_gpu=device.type == "cuda", precision=precision, **changes)
+    model, tasks = run.rebuild(saved, cfg, make_tasks, (), device, path)
+    return saved, cfg, model, tasks
+
+
 def load_model(path: str, task_name: str, device: torch.device,
                precision: str = "fp32") -> tuple[torch.nn.Module, Task]:
     """The model a best.pt was trained as (of either script) and its `task_name` task."""
-    saved = run.load_saved(path)
-    config_cls, make_tasks = SCRIPTS[run.saved_script(saved)]
-    cfg = config_cls.from_saved(saved["config"], data_dir="", aux="", eval_only=False,
-                                load="", use_gpu=device.type == "cuda", precision=precision)
-    model, tasks = run.rebuild(saved, cfg, make_tasks, (), device, path)
+    _, _, model, tasks = load_trained(path, device, precision)
     found = {t.name: t for t in tasks}
     if task_name not in found:
         raise CheckpointError(f"{path} has no {task_name} head; it has {', '.join(found)}")
@@ -101,15 +111,8 @@ def predict_texts(model: torch.nn.Module, task: Task, rows: Sequence[tuple[str, 
     results = []
     for batch in make_loader(examples, task.collate, batch_size, shuffle=False):
         output = model(task.name, batch.to(device))
-        predictions = task.predict(output).cpu().tolist()
-        if task.spec.kind == "classification":
-            details = [task.spec.label_names[p] if task.spec.label_names else str(p)
-                       for p in predictions]
-        elif task.spec.kind == "binary":
-            details = torch.sigmoid(output).cpu().tolist()
-        else:
-            details = output.cpu().tolist()
-        results += zip(predictions, details)
+        predicted = task.predict(output)
+        results += zip(predicted.cpu().tolist(), task.detail(output, predicted))
     return results
 
 

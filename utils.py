@@ -1,4 +1,5 @@
-"""Runtime helpers of the run path: seeding, device and precision choice, checkpoints."""
+"""Runtime helpers of the run path: seeding, device choice, checkpoints (precision:
+engine/precision.py)."""
 from __future__ import annotations
 
 import logging
@@ -45,27 +46,3 @@ def choose_device(use_gpu: bool) -> torch.device:
     if use_gpu and not torch.cuda.is_available():
         LOG.warning("--use_gpu: no CUDA device found, running on the CPU")
     return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the hardware computes bfloat16 natively: emulated bf16 (a CPU without
-    AVX512-BF16 or AMX, a V100 or T4) is slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """--precision: fp32 (None), bf16 or fp16 autocast, or auto: bf16 where the hardware
-    computes it natively, else fp16 on a GPU (with loss scaling) and fp32 on a CPU."""
-    if precision == "auto":
-        if native_bf16(device):
-            return torch.bfloat16
-        return torch.float16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-

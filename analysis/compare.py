@@ -19,7 +19,8 @@ import statistics
 
 import numpy as np
 
-from analysis.results import LABELS, METRICS, Run, aggregator, dropout_label, hand_weights, is_full, metric_value
+from analysis.results import (LABELS, METRICS, Run, aggregator, dropout_label, hand_weights,
+                              is_full, metric_value, settings)
 
 ALPHA = 0.05
 BOOTSTRAP_RESAMPLES = 10_000
@@ -119,8 +120,7 @@ def stability(runs: list[Run], metric: str) -> dict:
 
 def method_key(cfg: dict) -> tuple:
     """What the comparison varies: aggregator, loss balancing, hand-set weights (and lr)."""
-    return (aggregator(cfg), str(cfg.get("balance", "none")),
-            tuple(sorted(hand_weights(cfg).items())))
+    return (aggregator(cfg), settings(cfg).balance, tuple(sorted(hand_weights(cfg).items())))
 
 
 def is_base(cfg: dict) -> bool:
@@ -129,8 +129,8 @@ def is_base(cfg: dict) -> bool:
 
 
 def _candidate(cfg: dict) -> bool:
-    return (cfg.get("option") == "finetune" and cfg.get("mode") == "mix" and is_full(cfg)
-            and not cfg.get("aux"))
+    typed = settings(cfg)
+    return typed.option == "finetune" and typed.mode == "mix" and is_full(typed) and not typed.aux
 
 
 def method_groups(groups: dict[str, list[Run]]) -> dict[str, list[Run]]:

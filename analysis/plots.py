@@ -14,8 +14,8 @@ matplotlib.use("Agg")  # files only: this also runs on machines without a displa
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from analysis.results import (LABELS, METRICS, Run, aggregator, dropout_label, hand_weights,  # noqa: E402
-                     is_full, metric_value)
+from analysis.results import (LABELS, METRICS, Run, dropout_label, hand_weights,  # noqa: E402
+                              is_full, metric_value, settings)
 
 DPI = 100
 
@@ -76,10 +76,10 @@ def plot_dev_curves(groups: dict[str, list[Run]], path: str, title: str,
 def _is_mix(cfg: dict, pcgrad: bool, aux: bool) -> bool:
     """finetune-mix on every task, summed (pcgrad: PCGrad) with no loss balancing and no
     hand-set weights: a --tasks subset or an MGDA run is never a baseline of these figures."""
-    return (cfg.get("option") == "finetune" and cfg.get("mode") == "mix" and is_full(cfg)
-            and aggregator(cfg) == ("pcgrad" if pcgrad else "sum")
-            and str(cfg.get("balance", "none")) == "none" and not hand_weights(cfg)
-            and bool(cfg.get("aux")) == aux)
+    typed = settings(cfg)
+    return (typed.option == "finetune" and typed.mode == "mix" and is_full(typed)
+            and typed.aggregator == ("pcgrad" if pcgrad else "sum")
+            and typed.balance == "none" and not hand_weights(typed) and bool(typed.aux) == aux)
 
 
 def paired_groups(groups: dict[str, list[Run]], pcgrad: bool, aux: bool) -> dict[str, list[Run]]:

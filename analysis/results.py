@@ -14,7 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from engine.runfiles import CONFIG_FILE, DIVERGED_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_jsonl
-from engine.specs import SPECS, TASK_NAMES, canonical_tasks
+from engine.configs import MultitaskConfig
+from engine.specs import SPECS, TASK_NAMES
 
 METRICS = TASK_NAMES + ("overall",)
 LABELS = {**{name: SPECS[name].label_text for name in TASK_NAMES}, "overall": "Overall"}
@@ -22,69 +23,78 @@ LABELS = {**{name: SPECS[name].label_text for name in TASK_NAMES}, "overall": "O
 
 # --- naming -----------------------------------------------------------------------------
 
-def dropout_label(cfg: dict) -> str:
-    return f"{float(cfg.get('hidden_dropout_prob', 0.0)):g}"
+def settings(cfg: dict | MultitaskConfig) -> MultitaskConfig:
+    """A saved config.json (or a grid row's flags) read through the trainer's config class:
+    a setting it does not name has the trainer's own default, never a copy of it."""
+    return cfg if isinstance(cfg, MultitaskConfig) else MultitaskConfig.from_saved(cfg)
 
 
-def _method(cfg: dict) -> str:
-    base = "pretrain" if cfg.get("option") == "pretrain" else "finetune"
-    if base == "finetune" or cfg.get("mode") == "seq":
-        base += f"-{cfg.get('mode', 'mix')}"
+def dropout_label(cfg: dict | MultitaskConfig) -> str:
+    return f"{settings(cfg).hidden_dropout_prob:g}"
+
+
+def _method(cfg: MultitaskConfig) -> str:
+    base = "pretrain" if cfg.option == "pretrain" else "finetune"
+    if base == "finetune" or cfg.mode == "seq":
+        base += f"-{cfg.mode}"
     return base
 
 
-def task_set(cfg: dict) -> tuple[str, ...]:
+def task_set(cfg: dict | MultitaskConfig) -> tuple[str, ...]:
     """The evaluated tasks a run trained, in canonical order (typed order never matters)."""
-    return canonical_tasks(str(cfg.get("tasks") or ",".join(TASK_NAMES)).split(","))
+    return settings(cfg).task_names
 
 
-def is_full(cfg: dict) -> bool:
+def is_full(cfg: dict | MultitaskConfig) -> bool:
     return task_set(cfg) == TASK_NAMES
 
 
-def aggregator(cfg: dict) -> str:
-    return str(cfg.get("aggregator") or ("pcgrad" if cfg.get("pcgrad") else "sum"))
+def aggregator(cfg: dict | MultitaskConfig) -> str:
+    return settings(cfg).aggregator
 
 
-def hand_weights(cfg: dict) -> dict[str, float]:
+def hand_weights(cfg: dict | MultitaskConfig) -> dict[str, float]:
     """The --weight_<task> loss weights a run set away from 1."""
-    found = {name: float(cfg.get(f"weight_{name}", 1.0)) for name in TASK_NAMES}
+    found = {name: settings(cfg).weight(name) for name in TASK_NAMES}
     return {name: w for name, w in found.items() if w != 1.0}
 
 
-def _extras(cfg: dict) -> list[str]:
-    method = aggregator(cfg)
+def _extras(cfg: MultitaskConfig) -> list[str]:
+    method = cfg.aggregator
     labels = [] if method == "sum" else ["PCGrad" if method == "pcgrad" else method]
-    if cfg.get("balance", "none") != "none":
-        labels.append(f"{cfg['balance']} balance")
+    if cfg.balance != "none":
+        labels.append(f"{cfg.balance} balance")
     if hand_weights(cfg):
         labels.append("weights " + " ".join(f"{n} {w:g}" for n, w in hand_weights(cfg).items()))
-    labels += ["aux"] if cfg.get("aux") else []
+    labels += ["aux"] if cfg.aux else []
     # A single-task baseline (--tasks) is its own row, never averaged with the full runs.
     return labels + ([] if is_full(cfg) else ["+".join(task_set(cfg)) + " only"])
 
 
-def config_name(cfg: dict) -> str:
+def config_name(cfg: dict | MultitaskConfig) -> str:
     """Display name of a configuration, e.g. 'finetune-mix + PCGrad (0.3)'."""
+    cfg = settings(cfg)
     dropout = dropout_label(cfg)
-    if cfg.get("option") == "pretrain":
+    if cfg.option == "pretrain":
         dropout = f"dropout {dropout}"
     return " + ".join([_method(cfg)] + _extras(cfg)) + f" ({dropout})"
 
 
-def config_slug(cfg: dict) -> str:
+def config_slug(cfg: dict | MultitaskConfig) -> str:
     """Filesystem-safe name of a configuration, e.g. 'finetune-mix-pcgrad-0.3'."""
+    cfg = settings(cfg)
     words = [_method(cfg)] + [re.sub(r"[^a-z0-9]+", "-", e.lower()) for e in _extras(cfg)]
     return "-".join(words + [dropout_label(cfg)])
 
 
-def sort_key(cfg: dict) -> tuple:
+def sort_key(cfg: dict | MultitaskConfig) -> tuple:
     """Table 1's row order: pretrain, finetune-seq, finetune-mix, + PCGrad (then the other
     aggregators, balancings and hand-set weights), + aux."""
-    method, balance = aggregator(cfg), str(cfg.get("balance", "none"))
-    return (cfg.get("option") != "pretrain", cfg.get("mode") != "seq", bool(cfg.get("aux")),
+    cfg = settings(cfg)
+    method, balance = cfg.aggregator, cfg.balance
+    return (cfg.option != "pretrain", cfg.mode != "seq", bool(cfg.aux),
             method != "sum", method != "pcgrad", method, balance != "none", balance,
-            bool(hand_weights(cfg)), float(cfg.get("hidden_dropout_prob", 0.0)))
+            bool(hand_weights(cfg)), cfg.hidden_dropout_prob)
 
 
 # --- loading ----------------------------------------------------------------------------

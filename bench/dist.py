@@ -17,15 +17,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.multiprocessing as mp
 
-from engine import distributed
-from engine import run
+from datasets import TrainStream
+from engine import distributed, run
 from engine.cli import parse_config
-from datasets import TrainStream, default_data_dir
-from multitask_classifier import MultitaskConfig, build_tasks
+from engine.combiner import Combiner
+from engine.configs import Combination, MultitaskConfig, default_data_dir
+from engine.step import make_context, train_step
+from multitask_classifier import build_tasks
 from optimizer import AdamW
-from engine.step import make_context
-from pcgrad import PCGrad
-from engine.step import train_step
 
 
 @dataclass
@@ -46,12 +45,11 @@ def time_steps(cfg: DistBenchConfig, dist: distributed.Dist, pcgrad: bool) -> tu
     model = run.build_model(task_cfg, s.encoder, tasks, s.device).train()
     model.train_encoder(True)
     shared = [p for p in s.encoder.parameters() if p.requires_grad]
-    surgery = PCGrad(shared, len(tasks), reduce=distributed.all_reduce_mean_ if dist.enabled else None) \
-        if pcgrad else None
-    ctx = make_context(model, tasks, dist, fp16=False, find_unused=False, ddp=not pcgrad)
+    surgery = Combiner.build(Combination("pcgrad"), shared, len(tasks), cfg.seed, dist, 2) \
+        if pcgrad else None  # 2 micro-batches: no sparse rows, as under torchrun
+    ctx = make_context(model, tasks, dist, model.precision, find_unused=False,
+                       combined=shared if pcgrad else [], ddp=not pcgrad)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if surgery is not None:
-        ctx.unshared = [p for p in trainable if all(p is not q for q in shared)]
     # the same global batches as one process with batch 2b: batch b per process x 2
     batch = {t.name: t.batch_size * 2 // dist.world_size for t in tasks}
     streams = [TrainStream(t.train, t.collate, batch[t.name], True, cfg.seed, 1, dist.rank,

@@ -15,16 +15,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from datasets import make_loader
 from engine import run
-from engine.aggregators import AGGREGATORS, make_aggregator
-from engine.balancing import BALANCERS, balanced_weights, make_balancer
+from engine.aggregators import AGGREGATORS
+from engine.balancing import BALANCERS
 from engine.cli import parse_config, run_cli
-from datasets import default_data_dir, make_loader
+from engine.combiner import Combiner
+from engine.configs import Combination, MultitaskConfig, default_data_dir
+from engine.distributed import Dist
 from engine.errors import ConfigError
-from multitask_classifier import MultitaskConfig, build_tasks
+from engine.step import make_context, train_step
+from multitask_classifier import build_tasks
 from optimizer import AdamW
 from pcgrad import PCGrad, gram_matrix
-from engine.step import mix_step
 
 PLAIN, DIAGNOSTICS = "plain (sum)", "plain + diagnostics"
 
@@ -57,10 +60,17 @@ def make_methods(shared: list, sparse_rows: list, num_tasks: int, chosen: str) -
             (name, "none") if name in AGGREGATORS else ("sum", name)
     for label, parts in methods.items():
         if parts is not None:
-            aggregator, balancer = make_aggregator(parts[0], num_tasks), make_balancer(parts[1], num_tasks)
-            methods[label] = PCGrad(shared, num_tasks, sparse_rows=sparse_rows, combine=lambda gram,
-                                    losses, a=aggregator, b=balancer: balanced_weights(gram, losses, a, b))
+            buffer = PCGrad(shared, num_tasks, sparse_rows=sparse_rows)
+            methods[label] = Combiner(Combination(parts[0], balance=parts[1]), buffer, num_tasks, 0)
     return methods
+
+
+def mix_step(model, tasks: list, batches: list, optimizer, combiner: Combiner | None) -> None:
+    """One finetune-mix step on one process, as the trainer takes it."""
+    device = next(model.parameters()).device
+    ctx = make_context(model, tasks, Dist(0, 1, 0, device), model.precision, find_unused=False,
+                       combined=combiner.params if combiner is not None else [])
+    train_step(ctx, tasks, [([b], len(b)) for b in batches], optimizer, combiner)
 
 
 def main() -> None:
@@ -95,8 +105,8 @@ def main() -> None:
     tokens = sum(b.encoded.input_ids.numel() for batches in steps[1:] for b in batches) / cfg.steps
     print(f"{len(tasks)} tasks ({', '.join(f'{t.name} batch {t.batch_size}' for t in tasks)}), "
           f"{tokens:.0f} padded tokens/step, {torch.get_num_threads()} threads, "
-          f"{'bf16 autocast' if model.bf16 else 'fp32'}, best of {cfg.rounds} rounds x {cfg.steps} steps")
-    every = MultitaskConfig.grad_diagnostics_every
+          f"{model.precision.name}, best of {cfg.rounds} rounds x {cfg.steps} steps")
+    every = task_cfg.grad_diagnostics_every
     plain, diagnostics = best[PLAIN], best[DIAGNOSTICS]
     rows = list(best.items())
     # The trainer computes the diagnostics on one step in `every` (sum, no balancing): the
@@ -105,7 +115,7 @@ def main() -> None:
     print(f"{'method':>30}  ms/step  x plain")
     for name, seconds in rows:
         print(f"{name:>30}  {1000 * seconds:7.0f}  {seconds / plain:6.3f}x")
-    grads = methods[DIAGNOSTICS].grads  # (K, P), the last step's real gradients
+    grads = methods[DIAGNOSTICS].buffer.grads  # (K, P), the last step's real gradients
     blocked, single = (best_time(fn, grads) for fn in (gram_matrix, lambda g: g @ g.T))
     print(f"Gram matrix of ({grads.shape[0]}, {grads.shape[1]:,}): blocked {1000 * blocked:.1f} ms, "
           f"one matmul {1000 * single:.1f} ms ({single / blocked:.1f}x)")

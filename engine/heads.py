@@ -16,10 +16,9 @@ from torch import nn
 
 from bert import BertModel, init_module, mean_pool
 from datasets import Batch
+from engine.precision import Precision
 from engine.specs import TaskSpec
 
-POOLINGS = ("mean", "cls", "pooler")
-ENCODINGS = ("cross", "bi")
 
 
 def pool(encoder: BertModel, batch: Batch, pooling: str) -> torch.Tensor:
@@ -33,14 +32,35 @@ def pool(encoder: BertModel, batch: Batch, pooling: str) -> torch.Tensor:
     return out.pooler_output
 
 
+POOLING_TEXT = {
+    "mean": "x = mean of last_hidden_state over the tokens whose attention_mask is 1 "
+            "([CLS] and [SEP] included)",
+    "cls": "x = last_hidden_state[:, 0] (the [CLS] token)",
+    "pooler": "x = pooler_output = tanh(pooler.dense(last_hidden_state[:, 0]))",
+}
+SINGLE_INPUT = "one sentence: [CLS] s [SEP], token_type_ids all 0"
+CROSS_INPUT = ("the pair as one input: [CLS] a [SEP] b [SEP], token_type_ids 0 up to the "
+               "first [SEP] and 1 after it; truncated longest-first to max_length")
+BI_INPUT = ("each sentence encoded alone as [CLS] s [SEP]; u, v = the mean of "
+            "last_hidden_state over the tokens whose attention_mask is 1, per sentence")
+
+
 class TaskHead(nn.Module):
-    """What the training code asks of every head."""
+    """What the training code asks of every head, and how it describes itself to a reader
+    of an export (heads.json): its kind, input, formula and pooling."""
+    kind: str = ""
     reads_pooler: bool = False  # MultitaskBERT.train_encoder freezes an unread pooler
     separate_pair: bool = False  # a pair's sentences are encoded as two inputs (bi-encoder)
+    pooling: str = "mean"
+
+    def describe(self, task: str, pair: bool) -> dict:
+        """How to apply this head by hand to the exported encoder's outputs."""
+        raise NotImplementedError
 
 
 class LinearHead(TaskHead):
     """Dropout and a linear layer on the pooled input: classes, or one output squeezed."""
+    kind = "linear"
 
     def __init__(self, hidden: int, outputs: int, dropout: float, pooling: str):
         super().__init__()
@@ -53,6 +73,12 @@ class LinearHead(TaskHead):
         logits = self.linear(self.dropout(pool(encoder, batch, self.pooling)))  # (B, C)
         return logits.squeeze(-1) if logits.shape[-1] == 1 else logits
 
+    def describe(self, task: str, pair: bool) -> dict:
+        return {"kind": self.kind, "pooling": self.pooling,
+                "input": CROSS_INPUT if pair else SINGLE_INPUT,
+                "formula": f"{POOLING_TEXT[self.pooling]}; output = x @ {task}.linear.weight.T "
+                           f"+ {task}.linear.bias"}
+
 
 class BiEncoderHead(TaskHead):
     """Scores a pair from its two separately encoded, mean-pooled sentences. The cosine
@@ -62,6 +88,7 @@ class BiEncoderHead(TaskHead):
     def __init__(self, hidden: int, dropout: float, score: str):
         super().__init__()
         self.score = score
+        self.kind = f"bi_{score}"
         self.dropout = nn.Dropout(dropout)
         # Sentence-BERT's classification features (Reimers & Gurevych, 2019, eq. 1).
         self.linear = nn.Linear(4 * hidden, 1) if score == "features" else None
@@ -73,6 +100,12 @@ class BiEncoderHead(TaskHead):
             return 5.0 * F.cosine_similarity(u, v, dim=-1)  # (B,) on the 0-5 label scale
         features = torch.cat([u, v, (u - v).abs(), u * v], dim=-1)  # (B, 4H)
         return self.linear(self.dropout(features)).squeeze(-1)
+
+    def describe(self, task: str, pair: bool) -> dict:
+        formula = ("output = 5 * cosine_similarity(u, v)" if self.score == "cosine" else
+                   f"output = concat([u, v, |u - v|, u * v]) @ {task}.linear.weight.T "
+                   f"+ {task}.linear.bias")
+        return {"kind": self.kind, "pooling": "mean", "input": BI_INPUT, "formula": formula}
 
 
 def head_kind(spec: TaskSpec, encoding: str) -> str:
@@ -96,25 +129,18 @@ def make_head(spec: TaskSpec, hidden: int, dropout: float, pooling: str, encodin
 
 
 class MultitaskBERT(nn.Module):
-    """One shared encoder and one head per task. `autocast` (torch.bfloat16 or
-    torch.float16) runs the forward pass under autocast (fp32 weights, optimizer and
-    losses); outputs come back as fp32."""
+    """One shared encoder and one head per task. The forward pass runs under `precision`'s
+    autocast (fp32 weights, optimizer and losses); outputs come back as fp32."""
 
     def __init__(self, encoder: BertModel, heads: dict[str, TaskHead],
-                 autocast: torch.dtype | None = None):
+                 precision: Precision | None = None):
         super().__init__()
         self.encoder = encoder
         self.heads = nn.ModuleDict(heads)
-        self.autocast = autocast
-
-    @property
-    def bf16(self) -> bool:
-        return self.autocast == torch.bfloat16
+        self.precision = precision or Precision("fp32", "cpu")
 
     def forward(self, task_name: str, batch: Batch) -> torch.Tensor:
-        device_type = batch.encoded.input_ids.device.type
-        with torch.autocast(device_type, dtype=self.autocast or torch.bfloat16,
-                            enabled=self.autocast is not None):
+        with self.precision.autocast():
             return self.heads[task_name](self.encoder, batch).float()
 
     def train_encoder(self, train: bool) -> None:

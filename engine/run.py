@@ -1,12 +1,12 @@
-"""The one run path of both scripts: a shared `RunConfig`, and the functions that train
-from a config (seed -> device -> checkpoint folder -> tokenizer and encoder -> model ->
-run folder -> fit -> summary) and rebuild a trained model from its best.pt."""
+"""The one run path of both scripts: the functions that train from a config (seed ->
+device -> checkpoint folder -> tokenizer and encoder -> tasks -> model -> the run's parts
+(engine/build.py) -> run folder -> fit -> summary) and rebuild a trained model from its
+best.pt."""
 from __future__ import annotations
 
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -14,117 +14,23 @@ import torch
 from base_bert import default_checkpoint_path, from_pretrained
 from bert import BertModel
 from config import BertConfig
-from datasets import default_data_dir
-from engine.errors import CheckpointError, ConfigError
+from engine.build import build_parts
+from engine.configs import RunConfig
 from engine.distributed import Dist, barrier, broadcast_object, init_distributed, shutdown
-from evaluation import Predictions, dev_scores, predict_all
-from engine.heads import POOLINGS, MultitaskBERT
+from engine.errors import CheckpointError, ConfigError
+from engine.heads import MultitaskBERT
+from engine.precision import Precision
 from engine.runfiles import (CONFIG_FILE, LAST_FILE, SUMMARY_FILE, holds_run, read_json,
-                      start_run_dir)
+                             start_run_dir)
 from engine.tasks import SPLITS, Task
-from tokenizer import BertTokenizer
 from engine.trainer import Trainer
-from utils import autocast_dtype, choose_device, load_checkpoint, seed_everything
+from evaluation import Predictions, dev_scores, predict_all
+from tokenizer import BertTokenizer
+from utils import choose_device, load_checkpoint, seed_everything
 
 # (config, tokenizer, encoder config, splits to read) -> the script's tasks, heads fresh
 MakeTasks = Callable[["RunConfig", BertTokenizer, BertConfig, tuple], list[Task]]
 SAVED_KEYS = ("model", "config", "bert_config")
-
-
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
-
-
-@dataclass
-class RunConfig:
-    """What every training script shares; each script's config extends it."""
-    option: str = field(default="finetune", metadata=_help(
-        "pretrain: encoder frozen, heads trained; finetune: everything trains",
-        choices=["pretrain", "finetune"]))
-    epochs: int = 3
-    lr: float = field(default=0.0, metadata=_help("0: 1e-3 for pretrain, 1e-5 for finetune"))
-    head_lr: float = field(default=0.0, metadata=_help(
-        "learning rate of the task heads; 0: the same as --lr"))
-    weight_decay: float = 0.0
-    scheduler: str = field(default="constant", metadata=_help(
-        "learning-rate schedule after warmup", choices=["constant", "linear"]))
-    warmup_ratio: float = 0.0
-    hidden_dropout_prob: float = field(default=0.3, metadata=_help(
-        "dropout on the task heads' inputs (linear and Quora bi-encoder heads; the STS cosine "
-        "head has no parameters and no dropout; the encoder keeps its checkpoint's dropout)"))
-    seed: int = 11711
-    use_gpu: bool = field(default=False, metadata=_help("use CUDA when present"))
-    checkpoint: str = field(default="", metadata=_help(
-        "HF-format BERT folder (default: the packaged all-MiniLM-L6-v2)"))
-    data_dir: str = field(default_factory=default_data_dir, metadata=_help(
-        "data folder (env MINBERT_DATA_DIR)"))
-    max_length: int = field(default=128, metadata=_help(
-        "tokens per input, at least 4 and at most the checkpoint's max_position_embeddings"))
-    pooling: str = field(default="mean", metadata=_help(
-        "sentence vector for the linear heads", choices=list(POOLINGS)))
-    bucket: bool = field(default=True, metadata=_help("length-bucketed training batches"))
-    run_dir: str = field(default="", metadata=_help("output folder (default runs/<name>-<time>)"))
-    progress: bool = field(default=True, metadata=_help("tqdm progress bars"))
-    precision: str = field(default="fp32", metadata=_help(
-        "bf16: bfloat16 autocast; fp16: float16 autocast with loss scaling (GPUs); auto: bf16 "
-        "where the hardware computes it natively, else fp16 on a GPU, fp32 on a CPU",
-        choices=["fp32", "bf16", "fp16", "auto"]))
-    grad_accumulation: int = field(default=1, metadata=_help(
-        "micro-batches per step: each step's batch is batch size x N (x processes), its "
-        "gradients accumulated over N forward/backward passes (less memory, same update)"))
-    save_every_steps: int = field(default=500, metadata=_help(
-        "also save the resumable state (last.pt) every N steps (0: only after each epoch); "
-        "500 steps are ~8 min of the full recipe on a 2-core CPU"))
-    log_every_steps: int = field(default=10, metadata=_help(
-        "append the mean task losses (and gradient statistics) of every N steps to "
-        "steps.jsonl (0: off)"))
-    tensorboard: bool = field(default=False, metadata=_help(
-        "also write steps.jsonl's records as TensorBoard events (RUN/tensorboard)"))
-    resume: str = field(default="", metadata=_help(
-        "continue the interrupted run in this folder, with its saved configuration"))
-    config: str = field(default="", metadata=_help(
-        "a run's config.json: start a new run with its settings (not its run_dir); the "
-        "flags given beside --config override them"))
-
-    def __post_init__(self) -> None:
-        if not self.lr:
-            self.lr = 1e-3 if self.option == "pretrain" else 1e-5
-        self.check_number("lr", self.lr, low=0.0, low_open=True)
-        self.check_number("head_lr", self.head_lr, low=0.0)
-        self.check_number("weight_decay", self.weight_decay, low=0.0)
-        self.check_number("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
-        self.check_number("hidden_dropout_prob", self.hidden_dropout_prob, low=0.0, high=1.0)
-        if self.epochs <= 0:
-            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
-        if self.grad_accumulation < 1:
-            raise ConfigError(f"--grad_accumulation must be at least 1, got {self.grad_accumulation}")
-        if self.save_every_steps < 0:
-            raise ConfigError(f"--save_every_steps must be 0 or positive, got {self.save_every_steps}")
-        if self.max_length < 4:
-            raise ConfigError(f"--max_length must be at least 4 ([CLS] a [SEP] b [SEP] "
-                              f"needs them), got {self.max_length}")
-
-    @staticmethod
-    def check_number(name: str, value: float, low: float, high: float = math.inf,
-                     low_open: bool = False) -> None:
-        """A finite value in [low, high) (or (low, high))."""
-        if not (math.isfinite(value) and value >= low and value < high
-                and not (low_open and value == low)):
-            bounds = f"{'(' if low_open else '['}{low:g}, {high:g})"
-            raise ConfigError(f"--{name} must be a finite number in {bounds}, got {value}")
-
-    @property
-    def freeze_encoder(self) -> bool:
-        return self.option == "pretrain"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_saved(cls, saved: dict, **changes) -> "RunConfig":
-        """A config as a run saved it; keys of other versions are dropped."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in {**saved, **changes}.items() if k in known})
 
 
 @dataclass
@@ -156,7 +62,7 @@ def check_max_length(cfg: RunConfig, bert_config: BertConfig) -> None:
 def build_model(cfg: RunConfig, encoder: BertModel, tasks: list[Task],
                 device: torch.device) -> MultitaskBERT:
     return MultitaskBERT(encoder, {t.name: t.head for t in tasks},
-                         autocast=autocast_dtype(cfg.precision, device))
+                         Precision.resolve(cfg.precision, device))
 
 
 def train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str,
@@ -176,21 +82,20 @@ def _train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str, dist: 
     if dist.rank > 0:  # the same weights everywhere (DDP broadcasts them); other dropout draws
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
     tasks = make_tasks(cfg, s.tokenizer, s.encoder.config, SPLITS)
-    model = build_model(cfg, s.encoder, tasks, s.device)
+    parts = build_parts(cfg, build_model(cfg, s.encoder, tasks, s.device), tasks, dist)
     run_dir = cfg.resume or cfg.run_dir or os.path.join(
         "runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = broadcast_object(run_dir)  # the time-stamped name of rank 0
     if not cfg.resume and dist.is_main:
         start_run_dir(run_dir, {**cfg.as_dict(), "world_size": dist.world_size})
     barrier()  # a refused folder stops every rank at once
-    autocast = f" ({str(model.autocast).replace('torch.', '')} autocast)" if model.autocast else ""
-    log(f"{'resuming ' if cfg.resume else ''}{name} on {s.device}{autocast}"
+    log(f"{'resuming ' if cfg.resume else ''}{name} on {s.device}{parts.precision.describe()}"
         f"{f' x {dist.world_size} processes' if dist.enabled else ''}: checkpoint {s.folder}")
     for task in tasks:
         log(f"  {task.name}: {len(task.train)} train, {len(task.dev)} dev, {len(task.test)} "
             f"test, batch {global_batch(task.batch_size, cfg, dist)}")
     extra = {"script": script, "config": cfg.as_dict(), "bert_config": asdict(s.encoder.config)}
-    summary = Trainer(model, tasks, cfg, dist, run_dir, extra, log).fit(resume=bool(cfg.resume))
+    summary = Trainer(parts, cfg, dist, run_dir, extra, log).fit(resume=bool(cfg.resume))
     return run_dir, summary, tasks
 
 

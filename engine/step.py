@@ -16,8 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from engine import distributed
 from engine.distributed import Dist
-from engine.heads import MultitaskBERT
-from pcgrad import PCGrad
+from engine.combiner import Combiner
+from engine.precision import Precision
 from engine.sharding import micro_scale
 from engine.tasks import Task
 from engine.trainer_state import check_finite
@@ -84,9 +84,11 @@ class StepContext:
         distributed.all_reduce_grads_(params)
 
 
-def make_context(model: nn.Module, tasks: list, dist: Dist, fp16: bool, find_unused: bool,
-                 ddp: bool = True) -> StepContext:
+def make_context(model: nn.Module, tasks: list, dist: Dist, precision: Precision,
+                 find_unused: bool, combined: list = (), ddp: bool = True) -> StepContext:
     """`find_unused`: some parameters get no gradient in a step (seq mode: one task's head).
+    `combined`: the parameters of the combiner's buffer (the trainable encoder); the rest
+    (the heads') are averaged over processes apart on the steps that use the buffer.
     The per-task passes of the aggregators go through `local`, not DDP's forward, so DDP's
     hooks stay idle in their backward passes (tests/test_ddp.py mixes both in one run).
     `ddp=False`: no DDP at all; plain steps are then averaged by reduce_grads."""
@@ -99,38 +101,29 @@ def make_context(model: nn.Module, tasks: list, dist: Dist, fp16: bool, find_unu
         # DDP broadcasts rank 0's parameters at construction: every rank starts the same.
         losses = DistributedDataParallel(local, device_ids=device_ids,
                                          find_unused_parameters=find_unused)
-    scaler = torch.amp.GradScaler(dist.device.type) if fp16 else None
-    return StepContext(dist, losses, local, scaler)
-
-
-def mix_step(model: MultitaskBERT, tasks: list[Task], batches: list, optimizer,
-             surgery: PCGrad | None = None) -> tuple[list[float], torch.Tensor | None]:
-    """One finetune-mix step on one process: a batch of every task, the encoder gradients
-    summed or combined by `surgery`. Returns the task losses and the gradient Gram matrix."""
-    device = next(model.parameters()).device
-    ctx = make_context(model, tasks, Dist(0, 1, 0, device), fp16=False, find_unused=False)
-    drawn = [([b], len(b)) for b in batches]
-    values, gram, _ = train_step(ctx, tasks, drawn, optimizer, surgery)
-    return values, gram
+    in_buffer = {id(p) for p in combined}
+    return StepContext(dist, losses, local, precision.make_scaler(),
+                       unshared=[p for p in model.parameters() if id(p) not in in_buffer],
+                       trainable=[p for p in model.parameters() if p.requires_grad])
 
 
 def train_step(ctx: StepContext, tasks: list[Task], drawn: list, optimizer,
-               surgery: PCGrad | None = None, stop: int = 0) -> tuple[list[float], torch.Tensor | None, int]:
+               combiner: Combiner | None = None, stop: int = 0) -> tuple[list[float], torch.Tensor | None, int]:
     """One optimizer step. drawn[k]: task k's micro-batches on this process and its global
     batch size. The gradients of the micro-batches accumulate (backward_all); then the
-    plain sum (averaged over processes by DDP) or `surgery`'s combination; then the step
+    plain sum (averaged over processes by DDP) or `combiner`'s combination; then the step
     (skipped by the fp16 loss scaler on an overflow). Returns the global mean task losses,
     the Gram matrix and the stop signal all processes agreed on. A non-finite loss or
     gradient raises NonFinite before anything is updated."""
     optimizer.zero_grad(set_to_none=True)
     names = [t.name for t in tasks]
-    values, stop = ctx.agree(backward_all(ctx, names, drawn, surgery), stop)
+    values, stop = ctx.agree(backward_all(ctx, names, drawn, combiner), stop)
     check_finite(values, names, "loss")
     gram = None
-    if surgery is None and not ctx.ddp_syncs:  # a plain step of a run that has the buffer
+    if combiner is None and not ctx.ddp_syncs:  # a plain step without DDP
         ctx.reduce_grads(ctx.trainable)
-    if surgery is not None:
-        gram = surgery.combine_rows(values, ctx.loss_scale())  # the aggregator + diagnostics
+    if combiner is not None:
+        gram = combiner.combine(values, ctx.loss_scale())  # the aggregator + diagnostics
         ctx.reduce_grads(ctx.unshared)
         if ctx.scaler is None:  # under fp16 an overflow skips the step instead
             check_finite(gram.diagonal().tolist(), names, "gradient")
@@ -143,10 +136,10 @@ def train_step(ctx: StepContext, tasks: list[Task], drawn: list, optimizer,
 
 
 def backward_all(ctx: StepContext, names: list[str], drawn: list,
-                 surgery: PCGrad | None) -> list[float]:
+                 combiner: Combiner | None) -> list[float]:
     """Forward and backward every micro-batch, each mean loss scaled by its share of the
     global batch (sharding.micro_scale): into .grad (plain sum) or each task's row of the
-    buffer (`surgery`). Returns this process's share of each task's mean loss."""
+    buffer (`combiner`). Returns this process's share of each task's mean loss."""
     count, world = max(len(micro) for micro, _ in drawn), ctx.dist.world_size
     shares = [0.0] * len(names)
     for i in range(count):
@@ -155,14 +148,14 @@ def backward_all(ctx: StepContext, names: list[str], drawn: list,
         batches = [drawn[k][0][i - count + len(drawn[k][0])].to(ctx.dist.device) for k in here]
         scales = [micro_scale(len(b), drawn[k][1], world) for k, b in zip(here, batches)]
         with ctx.sync(last=i == count - 1):
-            module = ctx.local if surgery is not None else ctx.losses
+            module = ctx.local if combiner is not None else ctx.losses
             losses = [loss if scale == 1.0 else loss * scale for loss, scale in
                       zip(module([names[k] for k in here], batches), scales)]
             for k, loss in zip(here, losses):
                 shares[k] += loss.item()
-            if surgery is None:
+            if combiner is None:
                 ctx.scale(torch.stack(losses).sum()).backward()
                 continue
             for k, loss in zip(here, losses):
-                surgery.backward(k, ctx.scale(loss), accumulate=i > count - len(drawn[k][0]))
+                combiner.backward(k, ctx.scale(loss), accumulate=i > count - len(drawn[k][0]))
     return shares

@@ -20,17 +20,34 @@ FILE_SPLITS = {"train": "train", "dev": "dev", "test": "test-student"}
 
 @dataclass(frozen=True)
 class TaskKind:
-    """How outputs of one kind of task are trained and turned into predictions."""
+    """How outputs of one kind of task are trained and turned into predictions; `detail`
+    is what predict.py prints beside a prediction, `output` and `prediction` what heads.json
+    says of them."""
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     predict: Callable[[torch.Tensor], torch.Tensor]
+    detail: Callable[[torch.Tensor, torch.Tensor, TaskSpec], list]  # (output, predicted)
+    output: str
+    prediction: str
+
+
+def _label_names(output, predicted, spec: TaskSpec) -> list[str]:
+    return [spec.label_names[p] if spec.label_names else str(p) for p in predicted.tolist()]
 
 
 KINDS = {
-    "classification": TaskKind(F.cross_entropy, lambda out: out.argmax(-1)),
+    "classification": TaskKind(F.cross_entropy, lambda out: out.argmax(-1), _label_names,
+                               "logits over the labels 0..{last}", "argmax of the logits"),
     # one logit: p > 0.5 exactly when the logit is positive
     "binary": TaskKind(lambda out, y: F.binary_cross_entropy_with_logits(out, y.float()),
-                       lambda out: (out > 0).long()),
-    "regression": TaskKind(F.mse_loss, lambda out: out.clamp(0.0, 5.0)),
+                       lambda out: (out > 0).long(),
+                       lambda out, _, spec: torch.sigmoid(out).tolist(),
+                       "one logit (squeezed): sigmoid(output) is the probability that the two "
+                       "questions are paraphrases",
+                       "1 (paraphrase) when output > 0, i.e. probability > 0.5"),
+    "regression": TaskKind(F.mse_loss, lambda out: out.clamp(0.0, 5.0),
+                           lambda out, _, spec: out.tolist(),
+                           "one similarity score (squeezed) on the 0-5 scale of the STS labels",
+                           "output clamped to [0, 5]"),
 }
 
 
@@ -54,6 +71,24 @@ class Task:
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
         return KINDS[self.spec.kind].predict(output)
+
+    def detail(self, output: torch.Tensor, predicted: torch.Tensor) -> list:
+        """Per row: the label's name, the paraphrase probability or the raw score."""
+        return KINDS[self.spec.kind].detail(output.cpu(), predicted.cpu(), self.spec)
+
+    def describe(self, dev: dict) -> dict:
+        """This task's heads.json entry (how to apply its head by hand; its dev score)."""
+        spec, kind = self.spec, KINDS[self.spec.kind]
+        outputs = spec.num_outputs if self.head.kind == "linear" else 1
+        entry = {"task": self.name, **self.head.describe(self.name, spec.pair), "pair": spec.pair,
+                 "num_outputs": outputs,
+                 "tensors": {f"{self.name}.{k}": list(v.shape) for k, v in self.head.state_dict().items()},
+                 "output": kind.output.format(last=outputs - 1), "prediction": kind.prediction}
+        if spec.kind != "regression":
+            entry["labels"] = list(spec.label_names) or [str(i) for i in range(outputs)]
+        entry["metric"] = spec.metric if spec.evaluated else None
+        entry["dev"] = dev.get(self.name) if spec.evaluated else None
+        return entry
 
     @property
     def metric_name(self) -> str:

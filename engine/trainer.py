@@ -12,133 +12,97 @@ import math
 import os
 import signal
 import time
+from dataclasses import asdict
 from typing import Callable
 
-import torch
 from tqdm import tqdm
 
-from engine.aggregators import make_aggregator
-from engine.balancing import balanced_weights, make_balancer
-from datasets import TrainStream
-from engine.distributed import Dist, all_reduce_mean_, broadcast_parameters_
+from engine.build import Parts
+from engine.combiner import Combiner
+from engine.configs import RunConfig
 from engine.diagnostics import GradDiagnostics, format_epoch
+from engine.distributed import Dist, broadcast_parameters_
 from engine.errors import Interrupted
-from evaluation import Predictions, dev_scores, overall, predict_all
-from engine.heads import MultitaskBERT
-from optimizer import AdamW
-from engine.step import make_context, train_step
-from pcgrad import PCGrad
+from engine.runfiles import (CHECKPOINT_FILE, DIVERGED_FILE, LAST_FILE, METRICS_FILE,
+                             SUMMARY_FILE, append_jsonl, read_jsonl, write_json)
+from engine.step import train_step
 from engine.steplog import StepLog
-from engine.runfiles import (CHECKPOINT_FILE, DIVERGED_FILE, LAST_FILE, METRICS_FILE, SUMMARY_FILE, append_jsonl,
-                      read_jsonl, write_json)
 from engine.tasks import Task
-from engine.trainer_state import Diverged, NonFinite, Progress, load_state, save_state
+from engine.trainer_state import (Diverged, NonFinite, Progress, load_state, restore_rng,
+                                  save_state)
+from evaluation import Predictions, dev_scores, overall, predict_all
 from utils import load_checkpoint, save_checkpoint
-
-
-def make_optimizer(encoder_params, head_params, cfg, total_steps: int):
-    """AdamW with the encoder at lr and the freshly initialised heads at head_lr (or lr),
-    both on one warmup/decay schedule."""
-    groups = [{"params": [p for p in params if p.requires_grad], "lr": lr}
-              for params, lr in ((encoder_params, cfg.lr), (head_params, cfg.head_lr or cfg.lr))]
-    optimizer = AdamW([g for g in groups if g["params"]], lr=cfg.lr,
-                      weight_decay=cfg.weight_decay)
-    warmup = int(cfg.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.scheduler == "linear":
-            return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-        return 1.0
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class Trainer:
     """Trains, evaluates each epoch, keeps the best checkpoint by the mean dev metric, and
     writes metrics (JSON lines) and the best model's predictions into `run_dir`."""
 
-    def __init__(self, model: MultitaskBERT, tasks: list[Task], cfg, dist: Dist,
-                 run_dir: str, checkpoint_extra: dict, log: Callable[[str], None] = print):
-        """`cfg`: a run.RunConfig of the script (the trainer reads its fields directly).
-        Under torchrun every process runs a Trainer; only the main one (rank 0) writes."""
-        self.model, self.tasks, self.cfg = model.to(dist.device), tasks, cfg
-        self.dist, self.device, self.run_dir = dist, dist.device, run_dir
+    def __init__(self, parts: Parts, cfg: RunConfig, dist: Dist, run_dir: str,
+                 checkpoint_extra: dict, log: Callable[[str], None] = print):
+        """`parts`: built by engine/build.py. Under torchrun every process runs a Trainer;
+        only the main one (rank 0) writes."""
+        self.model, self.tasks, self.streams = parts.model, parts.tasks, parts.streams
+        self.optimizers, self.combiner, self.ctx = parts.optimizers, parts.combiner, parts.ctx
+        self.steps_per_epoch = parts.steps_per_epoch
+        self.cfg, self.dist, self.device, self.run_dir = cfg, dist, dist.device, run_dir
         self.log = log if dist.is_main else (lambda *_: None)
         self.checkpoint_extra = checkpoint_extra
-        self.model.train_encoder(not cfg.freeze_encoder)
-        self.streams = {t.name: TrainStream(t.train, t.collate, t.batch_size, cfg.bucket, cfg.seed,
-                                            cfg.grad_accumulation, dist.rank, dist.world_size,
-                                            pin=self.device.type == "cuda")
-                        for t in tasks}
-        self.eval_tasks = [t for t in tasks if t.spec.evaluated]
+        self.eval_tasks = [t for t in self.tasks if t.spec.evaluated]
         self.best_path = os.path.join(run_dir, CHECKPOINT_FILE)
         self.last_path = os.path.join(run_dir, LAST_FILE)
-        self.state = Progress(totals=[0.0] * len(tasks))
-        self.diagnostics = GradDiagnostics(tasks)
+        self.state = Progress(totals=[0.0] * len(self.tasks))
+        self.diagnostics = GradDiagnostics(self.tasks)
         self.stop_signal = 0  # a signal this process received
         self.agreed_stop = 0  # the signal any process received, as of the last step
         self.has_saved_state = False
-        self.steps = StepLog(run_dir, [t.name for t in tasks], cfg.log_every_steps if dist.is_main
-                             else 0, cfg.tensorboard and dist.is_main)
-        self.setup_optimizers()
-        fp16 = model.autocast == torch.float16
-        self.ctx = make_context(model, tasks, dist, fp16, find_unused=cfg.mode == "seq")
-        if self.surgery is not None:
-            self.surgery.reduce = all_reduce_mean_ if dist.enabled else None
-            in_buffer = {id(p) for p in self.surgery.params}
-            self.ctx.unshared = [p for p in model.parameters() if id(p) not in in_buffer]
-            self.ctx.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.steps = StepLog(run_dir, [t.name for t in self.tasks], cfg.log_every_steps
+                             if dist.is_main else 0, cfg.tensorboard and dist.is_main)
 
-    # --- setup ---------------------------------------------------------------------------
+    # --- what last.pt holds --------------------------------------------------------------
 
-    def setup_optimizers(self) -> None:
-        cfg = self.cfg
-        encoder_params = list(self.model.encoder.parameters())
-        if cfg.mode == "mix":
-            self.steps_per_epoch = max(len(s) for s in self.streams.values())
-            optimizer, scheduler = make_optimizer(encoder_params, self.model.heads.parameters(),
-                                                  cfg, cfg.epochs * self.steps_per_epoch)
-            self.optimizers = {"mix": (optimizer, scheduler)}
-            shared = [p for p in encoder_params if p.requires_grad]
-            self.aggregator = make_aggregator(cfg.aggregator, len(self.tasks), seed=cfg.seed,
-                                              **cfg.aggregator_options())
-            self.balancer = make_balancer(cfg.balance, len(self.tasks))
-            self.combined = cfg.aggregator != "sum" or cfg.balance != "none"
-            wanted = shared and (self.combined or cfg.grad_diagnostics)
-            self.surgery = self.gradient_buffer(shared) if wanted else None
-        else:
-            # seq: a separate AdamW per task, over the encoder and that task's head.
-            self.optimizers = {
-                t.name: make_optimizer(encoder_params, t.head.parameters(), cfg,
-                                       cfg.epochs * len(self.streams[t.name]))
-                for t in self.tasks}
-            self.aggregator = self.balancer = self.surgery = None
+    def state_dict(self) -> dict:
+        """Everything that decides the rest of the run but the random state (saved beside
+        it by trainer_state.save_state)."""
+        scaler = self.ctx.scaler
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizers": {name: opt.state_dict() for name, (opt, _) in self.optimizers.items()},
+            "schedulers": {name: s.state_dict() for name, (_, s) in self.optimizers.items()},
+            "streams": {name: stream.state_dict() for name, stream in self.streams.items()},
+            "progress": asdict(self.state),
+            "diagnostics": self.diagnostics.state_dict(),
+            "steplog": self.steps.state_dict(),
+            **(self.combiner.state_dict() if self.combiner is not None else {}),
+            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+        }
 
-    def gradient_buffer(self, shared: list) -> PCGrad:
-        # The word embedding as sparse rows on one process without micro-batches only: an
-        # all-reduce or a second micro-batch may reach rows this process's first did not.
-        sparse = self.cfg.grad_accumulation == 1 and not self.dist.enabled
-        return PCGrad(shared, len(self.tasks), combine=self.combine,
-                      sparse_rows=[self.model.encoder.word_embedding.weight] if sparse else [])
+    def load_state_dict(self, saved: dict) -> None:
+        self.model.load_state_dict(saved["model"])
+        for name, (optimizer, scheduler) in self.optimizers.items():
+            optimizer.load_state_dict(saved["optimizers"][name])
+            scheduler.load_state_dict(saved["schedulers"][name])
+        for name, stream in self.streams.items():
+            stream.load_state_dict(saved["streams"][name])
+        self.state = Progress(**saved["progress"])
+        self.diagnostics.load_state_dict(saved["diagnostics"])
+        self.steps.load_state_dict(saved["steplog"])
+        if self.combiner is not None:
+            self.combiner.load_state_dict(saved)
+        if self.ctx.scaler is not None:
+            self.ctx.scaler.load_state_dict(saved["scaler"])
+        restore_rng(saved, self.dist.rank)
 
-    def step_surgery(self, global_step: int) -> PCGrad | None:
-        """The per-task gradient pass for the step after `global_step` steps, or None for
-        the plain summed backward: every step for an aggregator or a balancing; for the
-        diagnostics alone, steps N, 2N, ... (1-based, as steps.jsonl numbers them, so that
-        its records fall on sampled steps). A pure function of the step: resume stays exact."""
-        if self.surgery is None or self.combined:
-            return self.surgery
-        return self.surgery if (global_step + 1) % self.cfg.grad_diagnostics_every == 0 else None
-
-    def combine(self, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        return balanced_weights(gram, losses, self.aggregator, self.balancer)
+    def save(self) -> None:
+        save_state(self.last_path, self.state_dict(), self.dist, self.checkpoint_extra["config"])
+        self.has_saved_state = True
 
     # --- the loop ------------------------------------------------------------------------
 
     def fit(self, resume: bool = False) -> dict:
         if resume:
-            load_state(self, self.last_path)
+            self.load_state_dict(load_state(self.last_path, self.dist))
+            self.has_saved_state = True
             self.restore_metrics_line()
             if self.dist.is_main:
                 self.steps.drop_after(self.state.global_step)
@@ -175,16 +139,17 @@ class Trainer:
         stop = stop or self.stop_now()
         every = self.cfg.save_every_steps
         if stop or (every and self.state.global_step % every == 0):
-            save_state(self, self.last_path)
+            self.save()
         stop = stop or self.stop_now()  # one process: a signal during the save
         if stop:
             raise Interrupted(f"interrupted at epoch {self.state.epoch}, step {self.state.step}; "
                               f"state saved. Continue with: --resume {self.run_dir}", stop)
 
-    def step(self, tasks: list[Task], streams: list, optimizer, surgery) -> tuple[list, object]:
+    def step(self, tasks: list[Task], streams: list, optimizer,
+             combiner: Combiner | None) -> tuple[list, object]:
         drawn = [stream.next_step() for stream in streams]
         losses, gram, self.agreed_stop = self.guarded(train_step, self.ctx, tasks, drawn, optimizer,
-                                                      surgery, self.stop_signal)
+                                                      combiner, self.stop_signal)
         return losses, gram
 
     def train_epoch_mix(self, epoch: int) -> tuple[dict, dict]:
@@ -197,8 +162,8 @@ class Trainer:
         bar = self.progress(range(self.state.step, self.steps_per_epoch), f"epoch {epoch} mix",
                             initial=self.state.step, total=self.steps_per_epoch)
         for _ in bar:
-            losses, gram = self.step(self.tasks, streams, optimizer,
-                                     self.step_surgery(self.state.global_step))
+            combiner = self.combiner.for_step(self.state.global_step) if self.combiner else None
+            losses, gram = self.step(self.tasks, streams, optimizer, combiner)
             self.state.totals = [t + loss for t, loss in zip(self.state.totals, losses)]
             self.diagnostics.add(gram)
             self.log_step(bar, scheduler, losses, gram)
@@ -275,9 +240,9 @@ class Trainer:
             self.write(predictions)
         self.state.next_epoch(record, len(self.tasks))
         self.diagnostics = GradDiagnostics(self.tasks)
-        if self.balancer is not None:
-            self.balancer.end_epoch(list(losses.values()))
-        save_state(self, self.last_path)
+        if self.combiner is not None:
+            self.combiner.end_epoch(list(losses.values()))
+        self.save()
         if self.dist.is_main:
             append_jsonl(os.path.join(self.run_dir, METRICS_FILE), record)
         _, stop = self.ctx.agree([], self.stop_signal)  # a signal during the evaluation

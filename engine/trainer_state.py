@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -83,50 +83,29 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_state(trainer, path: str) -> None:
-    """Everything that decides the rest of the run, atomically. Under torchrun every
-    process calls it (each one's random state is gathered); rank 0 writes."""
+def save_state(path: str, state: dict, dist, config: dict) -> None:
+    """A Trainer's state_dict with every process's random state, atomically. Under torchrun
+    every process calls it (each one's random state is gathered); rank 0 writes."""
     ranks_rng = gather_objects(rng_states())  # dropout draws differ between processes
-    if not trainer.dist.is_main:
+    if not dist.is_main:
         return
-    parts = {"aggregator": trainer.aggregator, "balancer": trainer.balancer}
-    save_checkpoint(path, {
-        "format": STATE_FORMAT,
-        "model": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
-        "optimizers": {name: opt.state_dict() for name, (opt, _) in trainer.optimizers.items()},
-        "schedulers": {name: s.state_dict() for name, (_, s) in trainer.optimizers.items()},
-        "streams": {name: stream.state_dict() for name, stream in trainer.streams.items()},
-        "progress": asdict(trainer.state),
-        "diagnostics": trainer.diagnostics.state_dict(),
-        "steplog": trainer.steps.state_dict(),
-        **{name: part.state_dict() for name, part in parts.items() if part is not None},
-        "rng": ranks_rng[0],
-        "rng_ranks": ranks_rng,
-        "world_size": trainer.dist.world_size,
-        "config": trainer.checkpoint_extra["config"],
-    })
-    trainer.has_saved_state = True
+    save_checkpoint(path, {"format": STATE_FORMAT, **state, "rng": ranks_rng[0],
+                           "rng_ranks": ranks_rng, "world_size": dist.world_size,
+                           "config": config})
 
 
-def load_state(trainer, path: str) -> None:
+def load_state(path: str, dist) -> dict:
+    """last.pt, checked to be of this process count (restore_rng sets its random state)."""
     saved = load_checkpoint(path, ("format", "model", "optimizers", "progress"))
     world_size = saved.get("world_size", 1)
-    if world_size != trainer.dist.world_size:
+    if world_size != dist.world_size:
         raise UserError(f"{path} was saved by {world_size} process(es); resume it with as many "
-                        f"(torchrun --nproc_per_node ...), not {trainer.dist.world_size}: the "
+                        f"(torchrun --nproc_per_node ...), not {dist.world_size}: the "
                         "global batch, and so the run, depends on it")
-    trainer.model.load_state_dict(saved["model"])
-    for name, (optimizer, scheduler) in trainer.optimizers.items():
-        optimizer.load_state_dict(saved["optimizers"][name])
-        scheduler.load_state_dict(saved["schedulers"][name])
-    for name, stream in trainer.streams.items():
-        stream.load_state_dict(saved["streams"][name])
-    trainer.state = Progress(**saved["progress"])
-    trainer.diagnostics.load_state_dict(saved["diagnostics"])
-    trainer.steps.load_state_dict(saved["steplog"])
-    for name in ("aggregator", "balancer"):
-        part = getattr(trainer, name)
-        if part is not None and name in saved:
-            part.load_state_dict(saved[name])
-    set_rng_states(saved["rng_ranks"][trainer.dist.rank] if "rng_ranks" in saved else saved["rng"])
-    trainer.has_saved_state = True
+    return saved
+
+
+def restore_rng(saved: dict, rank: int) -> None:
+    """This process's random state from last.pt: last, after everything else is loaded
+    (a training stream's position is restored by drawing, as its pass began)."""
+    set_rng_states(saved["rng_ranks"][rank] if "rng_ranks" in saved else saved["rng"])

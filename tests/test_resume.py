@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import multitask_classifier as mtc
+from engine.errors import ConfigError
 from evaluation import read_predictions
 
 from test_training import run_args
@@ -65,7 +66,9 @@ def reference(tiny_checkpoint, tiny_data, tmp_path_factory):
 MODES = {"mix-pcgrad": ["--mode", "mix", "--pcgrad", "--hidden_dropout_prob", "0.1"],
          # the diagnostics on steps 3, 6, ...: saves at steps 4 and 8 fall between them
          "mix-sampled": ["--mode", "mix", "--grad_diagnostics_every", "3"],
-         "seq": ["--mode", "seq"]}
+         "seq": ["--mode", "seq"],
+         # fp16 autocast with loss scaling, on the CPU: the GradScaler's state is in last.pt
+         "mix-fp16": ["--mode", "mix", "--precision", "fp16", "--aggregator", "aligned_mtl"]}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -95,7 +98,7 @@ def test_sigterm_saves_and_says_how_to_resume(tiny_checkpoint, tiny_data, tmp_pa
     again = subprocess.run([sys.executable, "multitask_classifier.py", *argv], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "holds an interrupted run; continue it with --resume" in again.stderr
-    with pytest.raises(mtc.ConfigError, match="would change it: --lr"):
+    with pytest.raises(ConfigError, match="would change it: --lr"):
         mtc.main(["--resume", str(run_dir), "--lr", "0.1"])
     mtc.main(["--resume", str(run_dir), "--no-progress"])
     assert_same_run(str(run_dir), reference["mix-pcgrad"])

@@ -51,7 +51,9 @@ def test_eval_precision_follows_the_device_it_runs_on(trained, tiny_data, tmp_pa
     saved = run.load_saved(os.path.join(trained, "best.pt"), "multitask")
     saved["config"].update(use_gpu=True, precision="auto")  # trained on a GPU, say
     seen = []
-    monkeypatch.setattr(run, "autocast_dtype", lambda precision, device: seen.append(device.type) or None)
+    resolve = run.Precision.resolve
+    monkeypatch.setattr(run.Precision, "resolve",
+                        lambda flag, device: seen.append(device.type) or resolve("fp32", device))
     cfg = mtc.MultitaskConfig.from_saved(saved["config"], data_dir=tiny_data, use_gpu=False)
     run.evaluate_saved("best.pt", cfg, mtc.build_tasks, saved, str(tmp_path / "e"),
                        run.choose_device(False))

@@ -159,6 +159,7 @@ def test_cli_errors_name_the_problem(tiny_checkpoint, tiny_data, tmp_path, monke
 def test_bf16_forward_is_fp32_out_and_close(tiny_checkpoint, tiny_data):
     from base_bert import from_pretrained
     from engine.heads import MultitaskBERT
+    from engine.precision import Precision
     from engine.specs import SPECS
     from engine.tasks import build_task
     from tokenizer import BertTokenizer
@@ -169,7 +170,7 @@ def test_bf16_forward_is_fp32_out_and_close(tiny_checkpoint, tiny_data):
     model = MultitaskBERT(encoder, {"sts": task.head})
     with torch.no_grad():
         full = model("sts", batch)
-        model.autocast = torch.bfloat16
+        model.precision = Precision("bf16", "cpu")
         half = model("sts", batch)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, full, atol=0.1, rtol=0.05)
@@ -191,7 +192,7 @@ def test_pooler_trains_only_when_a_head_reads_it(tiny_checkpoint, tiny_data, tmp
 
 
 def test_heads_get_their_own_learning_rate_on_the_shared_schedule():
-    from engine.trainer import make_optimizer
+    from engine.build import make_optimizer
     encoder, head = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
     settings = mtc.MultitaskConfig(epochs=1, lr=1e-5, head_lr=1e-3, warmup_ratio=0.5)
     optimizer, scheduler = make_optimizer(encoder.parameters(), head.parameters(), settings, 10)

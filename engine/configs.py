@@ -1,0 +1,268 @@
+"""The configuration of each training script, torch-free: one dataclass per script, turned
+into argparse by engine/cli.py and saved as the run's config.json. grid.py, the analysis
+tools, export.py and predict.py read a saved config through these classes (`from_saved`),
+so that a default lives in one place."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+from engine.errors import ConfigError
+from engine.names import (AGGREGATORS, BALANCERS, ENCODINGS, MODES, OPTIONS, PCGRAD_REDUCTIONS,
+                          POOLINGS, PRECISIONS, SCHEDULERS)
+from engine.specs import AUX, CLASSIFIER_TASKS, TASK_NAMES, canonical_tasks
+
+DATA_DIR_ENV = "MINBERT_DATA_DIR"
+
+
+def default_data_dir() -> str:
+    return os.environ.get(DATA_DIR_ENV, "data")
+
+
+@dataclass(frozen=True)
+class Combination:
+    """How a mix step combines the tasks' encoder gradients (engine/combiner.py builds it):
+    the aggregator and its options, the loss balancing, and the diagnostics' sampling
+    (every Nth step; 0: never)."""
+    aggregator: str = "sum"
+    options: tuple = ()  # (name, value) pairs for the aggregator
+    balance: str = "none"
+    diagnostics_every: int = 0
+
+    @property
+    def per_task_every_step(self) -> bool:
+        return self.aggregator != "sum" or self.balance != "none"
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class RunConfig:
+    """What every training script shares; each script's config extends it."""
+    option: str = field(default="finetune", metadata=_help(
+        "pretrain: encoder frozen, heads trained; finetune: everything trains",
+        choices=list(OPTIONS)))
+    mode: str = field(default="mix", metadata=_help(
+        "seq: a full pass per task in turn; mix: each step one batch of every task",
+        choices=list(MODES)))
+    seq_order: str = field(default="", metadata=_help(
+        "task order of a seq epoch (comma-separated; empty: the tasks' order)"))
+    epochs: int = 3
+    lr: float = field(default=0.0, metadata=_help("0: 1e-3 for pretrain, 1e-5 for finetune"))
+    head_lr: float = field(default=0.0, metadata=_help(
+        "learning rate of the task heads; 0: the same as --lr"))
+    weight_decay: float = 0.0
+    scheduler: str = field(default="constant", metadata=_help(
+        "learning-rate schedule after warmup", choices=list(SCHEDULERS)))
+    warmup_ratio: float = 0.0
+    hidden_dropout_prob: float = field(default=0.3, metadata=_help(
+        "dropout on the task heads' inputs (linear and Quora bi-encoder heads; the STS cosine "
+        "head has no parameters and no dropout; the encoder keeps its checkpoint's dropout)"))
+    seed: int = 11711
+    use_gpu: bool = field(default=False, metadata=_help("use CUDA when present"))
+    checkpoint: str = field(default="", metadata=_help(
+        "HF-format BERT folder (default: the packaged all-MiniLM-L6-v2)"))
+    data_dir: str = field(default_factory=default_data_dir, metadata=_help(
+        "data folder (env MINBERT_DATA_DIR)"))
+    max_length: int = field(default=128, metadata=_help(
+        "tokens per input, at least 4 and at most the checkpoint's max_position_embeddings"))
+    pooling: str = field(default="mean", metadata=_help(
+        "sentence vector for the linear heads", choices=list(POOLINGS)))
+    bucket: bool = field(default=True, metadata=_help("length-bucketed training batches"))
+    run_dir: str = field(default="", metadata=_help("output folder (default runs/<name>-<time>)"))
+    progress: bool = field(default=True, metadata=_help("tqdm progress bars"))
+    precision: str = field(default="fp32", metadata=_help(
+        "bf16: bfloat16 autocast; fp16: float16 autocast with loss scaling (GPUs); auto: bf16 "
+        "where the hardware computes it natively, else fp16 on a GPU, fp32 on a CPU",
+        choices=list(PRECISIONS)))
+    grad_accumulation: int = field(default=1, metadata=_help(
+        "micro-batches per step: each step's batch is batch size x N (x processes), its "
+        "gradients accumulated over N forward/backward passes (less memory, same update)"))
+    save_every_steps: int = field(default=500, metadata=_help(
+        "also save the resumable state (last.pt) every N steps (0: only after each epoch); "
+        "500 steps are ~8 min of the full recipe on a 2-core CPU"))
+    log_every_steps: int = field(default=10, metadata=_help(
+        "append the mean task losses (and gradient statistics) of every N steps to "
+        "steps.jsonl (0: off)"))
+    tensorboard: bool = field(default=False, metadata=_help(
+        "also write steps.jsonl's records as TensorBoard events (RUN/tensorboard)"))
+    resume: str = field(default="", metadata=_help(
+        "continue the interrupted run in this folder, with its saved configuration"))
+    config: str = field(default="", metadata=_help(
+        "a run's config.json: start a new run with its settings (not its run_dir); the "
+        "flags given beside --config override them"))
+
+    def __post_init__(self) -> None:
+        if not self.lr:
+            self.lr = 1e-3 if self.option == "pretrain" else 1e-5
+        self.check_number("lr", self.lr, low=0.0, low_open=True)
+        self.check_number("head_lr", self.head_lr, low=0.0)
+        self.check_number("weight_decay", self.weight_decay, low=0.0)
+        self.check_number("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
+        self.check_number("hidden_dropout_prob", self.hidden_dropout_prob, low=0.0, high=1.0)
+        if self.epochs <= 0:
+            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
+        if self.grad_accumulation < 1:
+            raise ConfigError(f"--grad_accumulation must be at least 1, got {self.grad_accumulation}")
+        if self.save_every_steps < 0:
+            raise ConfigError(f"--save_every_steps must be 0 or positive, got {self.save_every_steps}")
+        if self.max_length < 4:
+            raise ConfigError(f"--max_length must be at least 4 ([CLS] a [SEP] b [SEP] "
+                              f"needs them), got {self.max_length}")
+
+    @staticmethod
+    def check_number(name: str, value: float, low: float, high: float = math.inf,
+                     low_open: bool = False) -> None:
+        """A finite value in [low, high) (or (low, high))."""
+        if not (math.isfinite(value) and value >= low and value < high
+                and not (low_open and value == low)):
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g})"
+            raise ConfigError(f"--{name} must be a finite number in {bounds}, got {value}")
+
+    @property
+    def freeze_encoder(self) -> bool:
+        return self.option == "pretrain"
+
+    def combination(self) -> Combination:
+        """One task (or none to combine): the plain summed backward, no diagnostics."""
+        return Combination()
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_saved(cls, saved: dict, **changes) -> "RunConfig":
+        """A config as a run saved it; keys of other versions are dropped."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in {**saved, **changes}.items() if k in known})
+
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class MultitaskConfig(RunConfig):
+    aggregator: str = field(default="sum", metadata=_help(
+        "how the tasks' encoder gradients combine each mix step (aggregators.py)",
+        choices=list(AGGREGATORS)))
+    pcgrad: bool = field(default=False, metadata=_help("PCGrad gradient surgery: --aggregator pcgrad"))
+    pcgrad_reduction: str = field(default="sum", metadata=_help(
+        "combine projected gradients by sum (the paper) or mean", choices=list(PCGRAD_REDUCTIONS)))
+    cagrad_c: float = field(default=0.4, metadata=_help("CAGrad's c (the radius of its ball)"))
+    balance: str = field(default="none", metadata=_help(
+        "loss balancing before the aggregator (balancing.py); grad_norm equalises the tasks' "
+        "encoder gradient norms", choices=list(BALANCERS)))
+    aux: str = field(default="", metadata=_help("auxiliary 5-class sentiment file (e.g. Yelp)"))
+    tasks: str = field(default=",".join(TASK_NAMES), metadata=_help(
+        "the evaluated tasks to train (comma-separated, any order), e.g. quora alone for a "
+        "single-task baseline"))
+    quora_encoding: str = field(default="cross", metadata=_help(
+        "cross: the pair as one input; bi: each sentence alone", choices=list(ENCODINGS)))
+    sts_encoding: str = field(default="bi", metadata=_help(
+        "cross: the pair as one input; bi: cosine of the two sentences", choices=list(ENCODINGS)))
+    seq_order: str = field(default=",".join(("quora", "sst", "sts")), metadata=_help(
+        "task order of a seq epoch (comma-separated; an auxiliary task goes last)"))
+    batch_size_sst: int = 8
+    batch_size_quora: int = 16
+    batch_size_sts: int = 6
+    batch_size_aux: int = 4
+    weight_sst: float = 1.0
+    weight_quora: float = 1.0
+    weight_sts: float = 1.0
+    weight_aux: float = 1.0
+    subsample: int = field(default=0, metadata=_help(
+        "train on at most N examples per task (0: all), for quick budgets"))
+    grad_diagnostics: bool = field(default=True, metadata=_help(
+        "per-epoch cosine and conflict rate between task gradients (mix mode)"))
+    grad_diagnostics_every: int = field(default=10, metadata=_help(
+        "compute the gradient diagnostics on every Nth mix step only (steps N, 2N, ...): "
+        "they need each task's gradient apart, which costs ~15%% of a step on a CPU, so "
+        "the epoch means are taken over the sampled steps (1: every step). Aggregators "
+        "and balancings need the task gradients, and compute them, every step"))
+    eval_only: bool = field(default=False, metadata=_help(
+        "evaluate and predict from --load (its saved config wins over training flags)"))
+    load: str = field(default="", metadata=_help("a best.pt checkpoint, for --eval_only"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pcgrad and self.aggregator not in ("sum", "pcgrad"):
+            raise ConfigError(f"--pcgrad is --aggregator pcgrad; it contradicts --aggregator {self.aggregator}")
+        if self.pcgrad or self.aggregator == "pcgrad":
+            self.pcgrad, self.aggregator = True, "pcgrad"
+        if self.pcgrad and self.mode != "mix":
+            raise ConfigError("--pcgrad needs --mode mix (one batch of every task per step)")
+        if (self.aggregator != "sum" or self.balance != "none") and self.mode != "mix":
+            raise ConfigError("--aggregator and --balance need --mode mix (one batch of every task per step)")
+        if self.eval_only and not self.load:
+            raise ConfigError("--eval_only needs --load CHECKPOINT")
+        chosen = self.tasks.split(",")
+        if not set(chosen) <= set(TASK_NAMES) or len(set(chosen)) < len(chosen):
+            raise ConfigError(f"--tasks must name some of {', '.join(TASK_NAMES)}, each once, "
+                              f"got {self.tasks!r}")
+        if sorted(self.seq_order.split(",")) != sorted(TASK_NAMES):
+            raise ConfigError(f"--seq_order must name {', '.join(TASK_NAMES)} once each, "
+                              f"got {self.seq_order!r}")
+        for name in self.all_task_names:
+            if self.batch_size(name) <= 0:
+                raise ConfigError(f"--batch_size_{name} must be positive, got {self.batch_size(name)}")
+            self.check_number(f"weight_{name}", self.weight(name), low=0.0)
+        if self.grad_diagnostics_every <= 0:
+            raise ConfigError(f"--grad_diagnostics_every must be positive, got {self.grad_diagnostics_every}")
+        if self.subsample < 0:
+            raise ConfigError(f"--subsample must be 0 (all) or positive, got {self.subsample}")
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return canonical_tasks(self.tasks.split(","))
+
+    @property
+    def all_task_names(self) -> tuple[str, ...]:
+        return TASK_NAMES + (AUX.name,)
+
+    def batch_size(self, task: str) -> int:
+        return getattr(self, f"batch_size_{task}")
+
+    def weight(self, task: str) -> float:
+        return getattr(self, f"weight_{task}")
+
+    def encoding(self, task: str) -> str:
+        return getattr(self, f"{task}_encoding", "cross")
+
+    def combination(self) -> Combination:
+        options = {"pcgrad": {"reduction": self.pcgrad_reduction},
+                   "cagrad": {"c": self.cagrad_c}}.get(self.aggregator, {})
+        return Combination(self.aggregator, tuple(options.items()), self.balance,
+                           self.grad_diagnostics_every if self.grad_diagnostics else 0)
+
+    def run_name(self) -> str:
+        name = "pretrain" if self.option == "pretrain" else f"finetune-{self.mode}"
+        name += "" if self.aggregator == "sum" else f"-{self.aggregator}"
+        name += "" if self.balance == "none" else f"-{self.balance}"
+        name += "-aux" if self.aux else ""
+        name += "" if self.task_names == TASK_NAMES else "-" + "-".join(self.task_names)
+        return f"{name}-{self.hidden_dropout_prob:g}"
+
+
+
+@dataclass
+class ClassifierConfig(RunConfig):
+    task: str = field(default="sst", metadata={"help": "dataset", "choices": list(CLASSIFIER_TASKS)})
+    option: str = field(default="pretrain", metadata={
+        "help": "pretrain: encoder frozen; finetune: everything trains",
+        "choices": list(OPTIONS)})
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size <= 0:
+            raise ConfigError(f"--batch_size must be positive, got {self.batch_size}")
+
+    def run_name(self) -> str:
+        return f"{self.option}-{self.task}"
+
+
