@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from engine.aggregators import AGGREGATORS, make_aggregator
-from engine.balancing import BALANCERS, balanced_weights, make_balancer
 from pcgrad import project_conflicting
 
 NAMES = sorted(AGGREGATORS)
@@ -222,62 +221,6 @@ def test_state_dict_resumes_exactly(name):
     resumed.load_state_dict(state)
     for g, w in zip(grams[2:], expected):
         assert torch.equal(resumed.weights(g, losses), w)
-
-
-def test_grad_norm_balancer_equalises_norms():
-    g = torch.tensor([[7.4, 0.0], [0.0, 4.0], [15.3, 1.0], [0.0, 0.0]], dtype=f64)
-    bal = make_balancer("grad_norm", 4, beta=0.9)
-    for _ in range(50):
-        s = bal.scales(None, gram(g))
-    scaled = (s[:, None] * g).norm(dim=1)
-    torch.testing.assert_close(scaled[:3], scaled[:3].mean().expand(3))
-    assert s[3] == 1
-    first = make_balancer("grad_norm", 4).scales(None, gram(g))  # bias correction: exact at once
-    torch.testing.assert_close(first, s)
-
-
-def test_dwa_formula():
-    bal = make_balancer("dwa", 2, temperature=2.0)
-    assert torch.equal(bal.scales(None, None), torch.ones(2, dtype=f64))
-    bal.end_epoch([1.0, 2.0])
-    assert torch.equal(bal.scales(None, None), torch.ones(2, dtype=f64))
-    bal.end_epoch([0.5, 1.8])
-    bal.end_epoch([0.25, 1.62])  # only the last two epochs count: r = (0.5, 0.9)
-    e = torch.exp(torch.tensor([0.5, 0.9], dtype=f64) / 2)
-    torch.testing.assert_close(bal.scales(None, None), 2 * e / e.sum())
-
-
-def test_uncertainty_moves_log_variance_to_log_loss():
-    losses = torch.tensor([0.2, 1.0, 3.0], dtype=f64)
-    bal = make_balancer("uncertainty", 3, lr=0.05)
-    assert torch.equal(bal.scales(losses, None), torch.ones(3, dtype=f64))
-    for _ in range(800):
-        bal.scales(losses, None)
-    torch.testing.assert_close(bal.log_vars, losses.log(), atol=0.02, rtol=0)
-
-
-@pytest.mark.parametrize("name", sorted(BALANCERS))
-def test_balancer_state_resumes(name):
-    g, losses = gram(rand_grads(3, 3, 0)), torch.tensor([0.5, 1.0, 2.0], dtype=f64)
-    bal = make_balancer(name, 3)
-    for epoch in range(3):
-        bal.scales(losses * (epoch + 1), g)
-        bal.end_epoch((losses / (epoch + 1)).tolist())
-    resumed = make_balancer(name, 3)
-    resumed.load_state_dict(roundtrip(bal.state_dict()))
-    assert torch.equal(resumed.scales(losses, g), bal.scales(losses, g))
-
-
-def test_balanced_weights_run_the_aggregator_on_scaled_gradients():
-    g, losses = rand_grads(3, 4, 6), torch.ones(3, dtype=f64)
-    s = make_balancer("grad_norm", 3).scales(None, gram(g))
-    w = balanced_weights(gram(g), losses, make_aggregator("upgrad", 3),
-                         make_balancer("grad_norm", 3))
-    scaled = s[:, None] * g
-    expected = make_aggregator("upgrad", 3).weights(gram(scaled), None) @ scaled
-    torch.testing.assert_close(w @ g, expected)
-    w = balanced_weights(gram(g), losses, make_aggregator("sum", 3), make_balancer("none", 3))
-    assert torch.equal(w, torch.ones(3, dtype=f64))
 
 
 def conflicting_grams():
