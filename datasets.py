@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from engine.errors import DataError
+from engine.runfiles import read_lines
 from engine.sharding import WithinBatchShards, micro_batches
 from engine.specs import LabelSpec
 from tokenizer import BertTokenizer, Encoded
@@ -32,16 +33,13 @@ class Example:
 
 def read_examples(path: str, text_columns: Sequence[str],
                   label: LabelSpec | None = None) -> list[Example]:
-    """Read a starter file. Rows with an empty field are skipped with one warning that
-    names their lines; a missing file or column, a label out of range or bytes that are not
-    UTF-8 raise DataError naming the file and line."""
-    if not os.path.isfile(path):
+    """Read a starter file (engine/runfiles.read_lines: UTF-8, lines at \\n or \\r\\n).
+    Rows with an empty field are skipped with one warning that names their lines; a missing
+    file or column, a folder, a label out of range or bytes that are not UTF-8 raise
+    DataError naming the file and line."""
+    if not os.path.exists(path):
         raise DataError(f"{path}: file not found (see data/README.md to fetch the data)")
-    try:
-        examples, skipped = _read_rows(path, text_columns, label)
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}, line {first_undecodable_line(path)}: not UTF-8 text "
-                        f"({err.reason})") from None
+    examples, skipped = _read_rows(path, text_columns, label)
     if skipped:
         LOG.warning(f"{path}: skipped {len(skipped)} row(s) with an empty field "
                     f"(line {_some(skipped)})")
@@ -62,34 +60,43 @@ def _some(items: list) -> str:
 def _read_rows(path: str, text_columns: Sequence[str],
                label: LabelSpec | None) -> tuple[list[Example], list[int]]:
     columns = ["id", *text_columns] + ([label.column] if label else [])
-    examples, skipped = [], []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        absent = [c for c in columns if c not in (reader.fieldnames or [])]
-        if absent:
-            raise DataError(f"{path}: missing column(s) {', '.join(absent)} "
-                            f"(header has {', '.join(reader.fieldnames or []) or 'nothing'})")
-        for row in reader:
-            values = [row.get(c) for c in columns]
-            if any(v is None or not v.strip() for v in values):
-                skipped.append(reader.line_num)
-                continue
-            examples.append(Example(row["id"].strip(),
-                                    tuple(row[c].strip() for c in text_columns),
-                                    parse_label(label, row, path, reader.line_num)))
+    lines = read_lines(path)
+    header = (split_fields(lines[0]) or lines[0].split("\t")) if lines else []
+    absent = [c for c in columns if c not in header]
+    if absent:
+        raise DataError(f"{path}: missing column(s) {', '.join(absent)} "
+                        f"(header has {', '.join(header) or 'nothing'})")
+    examples, skipped, unquoted = [], [], []
+    for number, line in enumerate(lines[1:], 2):
+        if not line:
+            continue
+        fields = split_fields(line)
+        if fields is None:
+            unquoted.append(number)
+            fields = line.split("\t")
+        row = dict(zip(header, fields))
+        values = [row.get(c) for c in columns]
+        if any(v is None or not v.strip() for v in values):
+            skipped.append(number)
+            continue
+        examples.append(Example(row["id"].strip(), tuple(row[c].strip() for c in text_columns),
+                                parse_label(label, row, path, number)))
+    if unquoted:
+        LOG.warning(f"{path}: {len(unquoted)} line(s) whose quotes do not parse read as "
+                    f"plain text (line {_some(unquoted)})")
     return examples, skipped
 
 
-def first_undecodable_line(path: str) -> int:
-    """The text layer decodes in blocks, so the reader's line count is not where the bad
-    bytes are: find the first line that is not UTF-8."""
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                return number
-    return 0
+def split_fields(line: str) -> list[str] | None:
+    """A line's TAB-separated fields. The starter's files quote a field that holds a `"`
+    as CSV does (`"a ""b"" c"`): such a field is unquoted, within its own line only, so a
+    stray `"` never swallows the lines after it. None: the line's quotes do not parse."""
+    if '"' not in line:
+        return line.split("\t")
+    try:
+        return next(csv.reader([line], delimiter="\t", strict=True), [])
+    except csv.Error:
+        return None
 
 
 def parse_label(spec: LabelSpec | None, row: dict, path: str, line: int) -> float | int | None:

@@ -26,7 +26,7 @@ from engine.cli import parse_config, run_cli
 from datasets import Example, make_loader
 from engine.errors import CheckpointError, ConfigError, DataError
 from evaluation import format_prediction
-from engine.runfiles import atomic_write
+from engine.runfiles import STDIN, atomic_write, check_output_file, read_lines
 from engine.specs import SPECS
 from engine.tasks import Task
 from utils import choose_device
@@ -35,7 +35,6 @@ from utils import choose_device
 SCRIPTS = {multitask_classifier.SCRIPT: (multitask_classifier.MultitaskConfig,
                                          multitask_classifier.build_tasks),
            classifier.SCRIPT: (classifier.ClassifierConfig, classifier.build_tasks)}
-STDIN = "<stdin>"
 
 
 @dataclass
@@ -86,7 +85,7 @@ def parse_rows(lines: Sequence[str], pair: bool, source: str) -> list[tuple[str,
     """Each line's sentences (one, or two TAB-separated for a pair task)."""
     rows = []
     for number, line in enumerate(lines, 1):
-        texts = tuple(line.rstrip("\r\n").split("\t"))
+        texts = tuple(line.split("\t"))
         wanted = 2 if pair else 1
         if not any(t.strip() for t in texts):
             raise DataError(f"{source}, line {number}: empty line")
@@ -116,23 +115,13 @@ def predict_texts(model: torch.nn.Module, task: Task, rows: Sequence[tuple[str, 
     return results
 
 
-def read_lines(path: str) -> list[str]:
-    if not path:
-        return sys.stdin.read().splitlines()
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason})") from None
-
-
 def predict(cfg: PredictConfig) -> list[str]:
     """Read, predict, write; returns the output lines."""
+    if cfg.output:
+        check_output_file(cfg.output)  # before the work, not after it
     device = choose_device(cfg.use_gpu)
     model, task = load_model(cfg.load, cfg.task, device, cfg.precision)
-    rows = parse_rows(read_lines(cfg.input), task.spec.pair, cfg.input or STDIN)
+    rows = parse_rows(read_lines(cfg.input or None), task.spec.pair, cfg.input or STDIN)
     results = predict_texts(model, task, rows, device, cfg.batch_size)
     lines = ["\t".join([format_prediction(p), format_prediction(d), *texts])
              for (p, d), texts in zip(results, rows)]

@@ -14,6 +14,10 @@ class DataError(UserError):
     """A data file that cannot be read."""
 
 
+class OutputError(UserError):
+    """An output file that cannot be written where the user asked (a folder, say)."""
+
+
 class CheckpointError(UserError):
     """A checkpoint folder, weight file or saved run that does not fit."""
 

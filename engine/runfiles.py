@@ -1,14 +1,17 @@
-"""The files of a run folder: their names, atomic writes, JSON and JSON-lines reading.
-Torch-free, so that the results tools (results.py, report.py, plots.py) never load the model."""
+"""The files of a run folder: their names, atomic writes, JSON and JSON-lines reading; and
+the one reader of text files (data files, predict.py's input). Torch-free, so that the
+results tools (results.py, report.py, plots.py) never load the model."""
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
+import sys
 import tempfile
 from typing import Any, Callable
 
-from engine.errors import ConfigError, UserError
+from engine.errors import ConfigError, DataError, OutputError, UserError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -20,6 +23,7 @@ DIVERGED_FILE = "diverged.json"
 # What a run writes after its config: any of them means the folder already holds a run.
 RUN_OUTPUTS = (METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE, LAST_FILE, PREDICTIONS_DIR)
 TEMP_PREFIX = ".tmp-"
+STDIN = "<stdin>"  # how messages name standard input
 
 # Read once: os.umask can only be read by setting it.
 _UMASK = os.umask(0)
@@ -35,13 +39,58 @@ class ResultsError(UserError):
     """A run folder's file that cannot be read (corrupt, not what a run writes)."""
 
 
+def read_lines(path: str | None) -> list[str]:
+    """The lines of a UTF-8 text file, or of standard input when `path` is None. A BOM at
+    the start is dropped; lines end at \\n or \\r\\n only, not at the other breaks
+    str.splitlines knows (a form feed or U+2028 inside a sentence is text). A missing file,
+    a folder or bytes that are not UTF-8 raise DataError naming the file (and line)."""
+    name = STDIN if path is None else path
+    data = read_bytes(path).removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{name}, line {line}: not UTF-8 text ({err.reason})") from None
+    lines = text.split("\n")
+    if lines[-1] == "":  # the last line's end, not an empty line after it
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def read_bytes(path: str | None) -> bytes:
+    if path is None:
+        # bytes, so that one decoder (and its errors) serves files and standard input alike;
+        # a text stand-in without a buffer (io.StringIO) is already decoded
+        stream = getattr(sys.stdin, "buffer", None)
+        return stream.read() if stream is not None else sys.stdin.read().encode("utf-8")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a file") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror})") from None
+
+
+def check_output_file(path: str) -> None:
+    """Refuse an output path that names a folder: renaming a file over it would fail."""
+    if os.path.isdir(path):
+        raise OutputError(f"{path}: is a folder, not a file")
+
+
 def atomic_write(path: str, write: Callable[[Any], None], mode: str = "w") -> None:
     """Write through `write(file)` into a temporary file beside `path`, then rename it
     over `path`: a crash never leaves a half-written result or checkpoint."""
+    check_output_file(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    remove_stale_temps(folder, os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=os.path.basename(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_temps(folder, os.path.basename(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=os.path.basename(path))
+    except OSError as err:
+        raise OutputError(f"{path}: cannot be written ({err.strerror})") from None
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             write(f)

@@ -2,6 +2,7 @@
 it predicts and how it is scored. Torch-free: the results tools read it too."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -17,6 +18,8 @@ class LabelSpec:
         value = float(raw)
         if value != value:  # NaN passes no range check below
             raise ValueError(f"{raw!r} is not a number")
+        if not math.isfinite(value):  # int() of an infinity raises OverflowError
+            raise ValueError(f"{raw!r} is not a finite number")
         if self.integer:
             if value != int(value):
                 raise ValueError(f"{raw!r} is not a whole number")
