@@ -36,6 +36,17 @@ class DistBenchConfig:
     seed: int = 0
 
 
+def allreduce_bytes(num_elements: int, dtype: torch.dtype = torch.float32) -> int:
+    """Payload of one all-reduce of `num_elements` values of `dtype`."""
+    return num_elements * torch.empty((), dtype=dtype).element_size()
+
+
+def ring_bytes_per_rank(payload: int, world_size: int) -> float:
+    """What each rank sends (and receives) in a ring all-reduce of `payload` bytes:
+    2 (W - 1) / W x payload (reduce-scatter, then all-gather)."""
+    return 2 * (world_size - 1) / world_size * payload if world_size > 1 else 0.0
+
+
 def time_steps(cfg: DistBenchConfig, dist: distributed.Dist, pcgrad: bool) -> tuple[float, int]:
     """Best seconds per step over the rounds, and the values all-reduced per step."""
     task_cfg = MultitaskConfig(data_dir=cfg.data_dir, checkpoint=cfg.checkpoint, seed=cfg.seed,
@@ -104,11 +115,11 @@ def main() -> None:
           f"{os.cpu_count()} CPUs")
     for name in METHODS:
         (t1, _), (t2, values) = one[name], two[name]
-        payload = distributed.allreduce_bytes(values)
+        payload = allreduce_bytes(values)
         print(f"{name:>12}: 1 process x 2 threads {1000 * t1:6.0f} ms/step, 2 gloo processes x 1 "
               f"thread {1000 * t2:6.0f} ms/step ({t2 / t1:.2f}x); all-reduced per step "
               f"{payload / 2**20:,.0f} MiB ({values:,} values; each rank sends "
-              f"{distributed.ring_bytes_per_rank(payload, 2) / 2**20:,.0f} MiB in a ring)")
+              f"{ring_bytes_per_rank(payload, 2) / 2**20:,.0f} MiB in a ring)")
 
 
 if __name__ == "__main__":

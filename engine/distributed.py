@@ -18,7 +18,6 @@ from typing import Iterable, Sequence
 import torch
 import torch.distributed as torch_dist
 
-from engine.sharding import shard_range, shard_within_batches, split_sizes  # noqa: F401 (re-exported)
 
 
 # --- process group -------------------------------------------------------------------------
@@ -105,20 +104,6 @@ def all_reduce_mean_(tensor: torch.Tensor, count: float | torch.Tensor | None = 
     return tensor.div_(counts.clamp(min=1e-30)).mul_(counts > 0)
 
 
-def loss_scales(counts: Sequence[int]) -> list[float]:
-    """One factor per task for this rank's mean losses, from this rank's part sizes
-    `counts` (one per task): n_r W / sum_r n_r, so that the plain mean of the gradients
-    over ranks is exactly the gradient of the mean loss over the global batch even when
-    the parts are unequal (1.0 when they are equal). One small all-reduce."""
-    if not active():
-        return [1.0] * len(counts)
-    local = torch.tensor(list(counts), dtype=torch.float64, device=_collective_device())
-    total = local.clone()
-    torch_dist.all_reduce(total)
-    scale = local * torch_dist.get_world_size() / total.clamp(min=1)
-    return scale.tolist()
-
-
 def _collective_device() -> torch.device:
     """nccl reduces CUDA tensors only."""
     if torch_dist.get_backend() == "nccl":
@@ -178,16 +163,3 @@ def gather_predictions(ids: Sequence, values: Sequence, labels: Sequence
     parts: list = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(parts, (list(ids), list(values), list(labels)))
     return tuple([x for part in parts for x in part[i]] for i in range(3))
-
-
-# --- benchmark accounting ------------------------------------------------------------------
-
-def allreduce_bytes(num_elements: int, dtype: torch.dtype = torch.float32) -> int:
-    """Payload of one all-reduce of `num_elements` values of `dtype`."""
-    return num_elements * torch.empty((), dtype=dtype).element_size()
-
-
-def ring_bytes_per_rank(payload: int, world_size: int) -> float:
-    """What each rank sends (and receives) in a ring all-reduce of `payload` bytes:
-    2 (W - 1) / W x payload (reduce-scatter, then all-gather)."""
-    return 2 * (world_size - 1) / world_size * payload if world_size > 1 else 0.0

@@ -54,3 +54,31 @@ def test_positional_field_is_optional_and_typed():
 
     assert parse_config(Options, []) == Options("runs", 1)
     assert parse_config(Options, ["elsewhere", "--count", "3"]) == Options("elsewhere", 3)
+
+
+def test_the_name_lists_are_the_registries():
+    """engine/names.py (torch-free, read by every CLI and the analysis tools) names exactly
+    what the registries implement, in the same order."""
+    from engine import names
+    from engine.aggregators import AGGREGATORS
+    from engine.balancing import BALANCERS
+    from engine.heads import POOLING_TEXT
+    from engine.precision import DTYPES
+    assert tuple(AGGREGATORS) == names.AGGREGATORS
+    assert tuple(BALANCERS) == names.BALANCERS
+    assert tuple(POOLING_TEXT) == names.POOLINGS
+    assert tuple(DTYPES) + ("auto",) == names.PRECISIONS
+
+
+def test_configs_are_typed_and_torch_free():
+    """mode and seq_order are fields of the shared RunConfig (no class-level shims), and the
+    configs import without torch, so grid.py and the analysis tools read them cheaply."""
+    import subprocess
+    import sys
+    from dataclasses import fields
+    from engine.configs import ClassifierConfig, RunConfig
+    shared = {f.name for f in fields(RunConfig)}
+    assert {"mode", "seq_order"} <= shared
+    assert ClassifierConfig().combination().aggregator == "sum"
+    code = "import sys, engine.configs; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,6 +1,7 @@
 """distributed.py: samplers and accounting in-process; the collectives with 2 CPU (gloo)
 processes spawned once for the module, each writing its results for the tests to check."""
 import os
+from typing import Sequence
 import socket
 
 import pytest
@@ -10,6 +11,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import BatchSampler, RandomSampler
 
 from engine import distributed as D
+from engine.sharding import shard_range, shard_within_batches
 import pcgrad
 from datasets import BucketBatchSampler, ShuffledBatches
 from optimizer import AdamW
@@ -19,6 +21,21 @@ DIM_IN, DIM_HID, DIM_OUT = 5, 7, 3
 
 
 # --- samplers (no process group) -----------------------------------------------------------
+
+
+def loss_scales(counts: Sequence[int]) -> list[float]:
+    """One factor per task for this rank's mean losses, from this rank's part sizes
+    `counts` (one per task): n_r W / sum_r n_r, so that the plain mean of the gradients
+    over ranks is exactly the gradient of the mean loss over the global batch even when
+    the parts are unequal (1.0 when they are equal). One small all-reduce."""
+    if not D.active():
+        return [1.0] * len(counts)
+    local = torch.tensor(list(counts), dtype=torch.float64, device=D._collective_device())
+    total = local.clone()
+    torch_dist.all_reduce(total)
+    scale = local * torch_dist.get_world_size() / total.clamp(min=1)
+    return scale.tolist()
+
 
 def global_samplers(n=23, batch=4):
     lengths = [(i * 7) % 11 for i in range(n)]
@@ -38,7 +55,7 @@ def epochs(sampler, count=2):
 def test_within_batch_shards_split_every_global_batch(kind):
     make = global_samplers()[kind]
     reference = epochs(make())  # one process, global batches of 4 (the last of 23 has 3)
-    per_rank = [epochs(D.shard_within_batches(make(), r, WORLD)) for r in range(WORLD)]
+    per_rank = [epochs(shard_within_batches(make(), r, WORLD)) for r in range(WORLD)]
     for epoch, batches in enumerate(reference):
         parts = [ranks[epoch] for ranks in per_rank]
         assert len({len(p) for p in parts}) == 1  # every rank takes as many steps
@@ -47,13 +64,13 @@ def test_within_batch_shards_split_every_global_batch(kind):
         for group in zip(*parts):  # contiguous parts differing by at most one
             assert max(map(len, group)) - min(map(len, group)) <= 1
     assert reference[0] != reference[1]  # the epoch counter / generator still advances
-    assert epochs(D.shard_within_batches(make(), 1, WORLD)) == per_rank[1]  # deterministic
-    assert len(D.shard_within_batches(make(), 0, WORLD)) == len(per_rank[0][0])
+    assert epochs(shard_within_batches(make(), 1, WORLD)) == per_rank[1]  # deterministic
+    assert len(shard_within_batches(make(), 0, WORLD)) == len(per_rank[0][0])
 
 
 def test_within_batch_drops_a_batch_smaller_than_the_world():
     make = lambda: ShuffledBatches(9, 4, seed=0)  # noqa: E731  4, 4, 1
-    shards = [D.shard_within_batches(make(), r, WORLD) for r in range(WORLD)]
+    shards = [shard_within_batches(make(), r, WORLD) for r in range(WORLD)]
     parts = [list(s) for s in shards]
     assert [len(p) for p in parts] == [2, 2] == [len(s) for s in shards]
     assert sorted(i for p in parts for b in p for i in b) != list(range(9))
@@ -63,7 +80,7 @@ def test_within_batch_drops_a_batch_smaller_than_the_world():
 def test_shard_range_covers_once_in_order():
     for n in range(0, 12):
         for world in (1, 2, 3, 5):
-            ranges = [D.shard_range(n, r, world) for r in range(world)]
+            ranges = [shard_range(n, r, world) for r in range(world)]
             assert [i for r in ranges for i in r] == list(range(n))
             assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
 
@@ -76,16 +93,17 @@ def test_single_process_is_a_no_op(monkeypatch):
     assert not torch_dist.is_initialized()
     t = torch.arange(3.0)
     assert D.all_reduce_mean_(t.clone(), count=5).tolist() == t.tolist()
-    assert D.loss_scales([3, 2]) == [1.0, 1.0]
+    assert loss_scales([3, 2]) == [1.0, 1.0]
     assert D.gather_predictions(["a"], [1], []) == (["a"], [1], [])
     D.barrier()
     D.shutdown()
 
 
 def test_allreduce_bytes():
-    assert D.allreduce_bytes(1000) == 4000
-    assert D.allreduce_bytes(1000, torch.bfloat16) == 2000
-    assert D.ring_bytes_per_rank(4000, 2) == 4000 and D.ring_bytes_per_rank(4000, 1) == 0
+    from bench.dist import allreduce_bytes, ring_bytes_per_rank
+    assert allreduce_bytes(1000) == 4000
+    assert allreduce_bytes(1000, torch.bfloat16) == 2000
+    assert ring_bytes_per_rank(4000, 2) == 4000 and ring_bytes_per_rank(4000, 1) == 0
 
 
 # --- two gloo processes --------------------------------------------------------------------
@@ -113,10 +131,10 @@ def train_plain(optimizer_name, rank=0, world=1, steps=3):
     D.broadcast_parameters_(model)
     opt = (torch.optim.SGD(model.parameters(), lr=0.1) if optimizer_name == "sgd"
            else AdamW(model.parameters(), lr=0.01, weight_decay=0.01))
-    sampler = D.shard_within_batches(ShuffledBatches(11, 4, seed=2), rank, world)
+    sampler = shard_within_batches(ShuffledBatches(11, 4, seed=2), rank, world)
     for _, part in zip(range(steps), sampler):
         opt.zero_grad(set_to_none=True)
-        scale, = D.loss_scales([len(part)])
+        scale, = loss_scales([len(part)])
         loss = torch.nn.functional.mse_loss(model(x[part]), y[part]) * scale
         loss.backward()
         D.all_reduce_grads_(model.parameters())
@@ -146,12 +164,12 @@ def train_pcgrad(rank=0, world=1, steps=3):
     model = MultiTask()
     surgery = pcgrad.PCGrad(model.encoder.parameters(), 2, project=True, seed=0)
     opt = AdamW(model.parameters(), lr=0.01)
-    samplers = [D.shard_within_batches(ShuffledBatches(11, b, seed=k), rank, world)
+    samplers = [shard_within_batches(ShuffledBatches(11, b, seed=k), rank, world)
                 for k, b in enumerate((4, 6))]  # 4,4,3 / 6,5: uneven parts in both
     grams = []
     for _, parts in zip(range(steps), zip(*(forever(s) for s in samplers))):
         opt.zero_grad(set_to_none=True)
-        scales = D.loss_scales([len(p) for p in parts])
+        scales = loss_scales([len(p) for p in parts])
         losses = [torch.nn.functional.mse_loss(head(model.encoder(x[p])), y[p]) * s
                   for head, (x, y), p, s in zip(model.heads, data, parts, scales)]
         grams.append(surgery.pc_backward(losses))
@@ -185,7 +203,7 @@ def worker(rank, world, port, out):
         t = torch.tensor([[1.0, 2.0], [1.0, 2.0]]) * (rank + 1)
         results["weighted"] = D.all_reduce_mean_(t, count=torch.tensor([1.0 + rank, rank]))
         items = [f"id{i}" for i in range(7)]
-        part = D.shard_range(len(items), rank, world)
+        part = shard_range(len(items), rank, world)
         results["gathered"] = D.gather_predictions(
             [items[i] for i in part], [i * 0.5 for i in part], [i % 2 for i in part])
         D.barrier()
