@@ -23,8 +23,8 @@ import torch
 from base_bert import default_checkpoint_path, load_pretrained, to_hf_config, to_hf_state_dict
 from bert import BertModel
 from engine.cli import parse_config, run_cli
-from engine.errors import CheckpointError, ConfigError
-from engine.runfiles import file_mode
+from engine.errors import CheckpointError, ConfigError, UserError
+from engine.runfiles import check_output, file_mode, read_json
 from predict import load_trained
 from tokenizer import lowercase_of
 
@@ -38,7 +38,8 @@ class ExportConfig:
     checkpoint: str = field(default="", metadata={
         "help": "folder holding the vocab.txt (and tokenizer_config.json) the run was trained "
                 "with (default: the run's --checkpoint, else the packaged all-MiniLM-L6-v2)"})
-    force: bool = field(default=False, metadata={"help": "replace a non-empty --out folder"})
+    force: bool = field(default=False, metadata={
+        "help": "replace an earlier export in --out (nothing else: not a run, not what it reads)"})
     sentence_transformers: bool = field(default=True, metadata={
         "help": "write the sentence-transformers files when the STS head is a bi-encoder"})
 
@@ -85,14 +86,25 @@ def write_json(path: str, obj: Any) -> None:
         f.write("\n")
 
 
-def write_folder(out: str, force: bool, fill: Callable[[str], None]) -> None:
+def is_export(folder: str) -> bool:
+    """An earlier export (its heads.json says so): all that --force replaces."""
+    try:
+        heads = read_json(os.path.join(folder, "heads.json"))
+    except (OSError, UserError):
+        return False
+    return isinstance(heads, dict) and heads.get("format") == HEADS_FORMAT
+
+
+def write_folder(out: str, force: bool, fill: Callable[[str], None],
+                 reads: tuple = ()) -> None:
     """Fill a temporary folder beside `out`, then rename it to `out`: a failed export
-    leaves no half-written folder. An existing non-empty `out` is replaced only with force."""
+    leaves no half-written folder. An existing non-empty `out` is replaced only with force,
+    and only if it is an earlier export (never what the export reads, nor a run)."""
     out = os.path.abspath(out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"--out {out}: exists and is not a folder")
+    check_output("--out", out, reads, replace=is_export if force else None)
     if os.path.isdir(out) and os.listdir(out) and not force:
-        raise ConfigError(f"--out {out}: folder is not empty (pass --force to replace it)")
+        raise ConfigError(f"--out {out}: folder is not empty (pass --force to replace an "
+                          "earlier export)")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.tmp-")
@@ -168,7 +180,7 @@ def export(cfg: ExportConfig) -> str:
             if not torch.equal(reloaded[key], tensor):
                 raise CheckpointError(f"{folder}: {key} does not read back as written")
 
-    write_folder(cfg.out, cfg.force, fill)
+    write_folder(cfg.out, cfg.force, fill, reads=(cfg.load, source))
     print(f"exported {cfg.load} (epoch {saved.get('epoch')}; heads "
           f"{', '.join(f'{t.name} ({t.head.kind})' for t in tasks)}) to {cfg.out}"
           f"{'; with sentence-transformers files' if with_st else ''}")

@@ -11,14 +11,13 @@ the trainer command of each run still to do and runs nothing (then: python repor
 
 Resumable: a run folder with summary.json is done and skipped; an interrupted one is
 continued from its last.pt (--resume); one that stopped before its first save is removed
-and run again from scratch.
+and run again from scratch (unless a process is using it: each run locks its folder).
 """
 from __future__ import annotations
 
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -30,7 +29,8 @@ from engine.cli import build_parser, parse_config, run_cli
 from engine.configs import DATA_DIR_ENV, MultitaskConfig, default_data_dir
 from engine.errors import ConfigError, UserError
 from analysis.results import config_name, config_slug, settings
-from engine.runfiles import CONFIG_FILE, LAST_FILE, SUMMARY_FILE, holds_run, read_json
+from engine.runfiles import CONFIG_FILE, LAST_FILE, SUMMARY_FILE, check_output, holds_run, read_json
+from engine.runlock import remove_run_dir
 
 AUX_FILE = "yelp-aux-train.csv"
 # Options that take several values (`--seeds 0 1 2`); the dataclass stores them as text.
@@ -231,6 +231,7 @@ def plan(opts: GridOptions, say: Callable[[str], None] = print) -> list[Job]:
     a finished folder is skipped, an interrupted one resumed from its last.pt (both only if
     they ran the settings asked for now)."""
     aux_path = opts.aux or os.path.join(data_dir(opts), AUX_FILE)
+    check_output("--runs_dir", opts.runs_dir, (data_dir(opts), aux_path, opts.checkpoint))
     rows = grid_rows(opts.rows, aux_path)
     seeds = list(dict.fromkeys(parse_seeds(opts.seeds)))
     if not seeds:
@@ -255,10 +256,11 @@ def plan(opts: GridOptions, say: Callable[[str], None] = print) -> list[Job]:
 
 
 def clear_unsaved(job: Job) -> None:
-    """A folder that stopped before its first save holds nothing to resume: rerun from scratch."""
+    """A folder that stopped before its first save holds nothing to resume: rerun from
+    scratch. One a process is using (a run in progress) is refused, not removed."""
     if job.argv[:1] != ["--resume"] and os.path.exists(job.run_dir):
         print(f"{job.label}: {job.run_dir} stopped before its first save, rerunning from scratch")
-        shutil.rmtree(job.run_dir)
+        remove_run_dir("--runs_dir", job.run_dir)
 
 
 def run_in_process(todo: list[Job], runner: Runner) -> list[Job]:
@@ -329,9 +331,16 @@ def run_parallel(todo: list[Job], jobs: int, gpus: list[str]) -> list[Job]:
                 if slot in running or not queue:
                     continue
                 job = queue.pop(0)
-                clear_unsaved(job)
                 os.makedirs(os.path.dirname(job.log), exist_ok=True)
                 log = open(job.log, "a", encoding="utf-8")
+                try:
+                    clear_unsaved(job)
+                except UserError as err:  # a process is using the folder: it stays its own
+                    print(f"{job.label}: FAILED ({err})", file=log, flush=True)
+                    print(f"{job.label}: FAILED ({err})", flush=True)
+                    log.close()
+                    failed.append(job)
+                    continue
                 env = job_env(slot, jobs, gpus)
                 proc = subprocess.Popen(trainer_command(job.argv), stdout=log,
                                         stderr=subprocess.STDOUT, env=env)

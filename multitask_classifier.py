@@ -53,9 +53,9 @@ def evaluate_checkpoint(cfg: MultitaskConfig, given: dict) -> str:
               f"{', '.join('--' + name for name in ignored)}")
     trained = MultitaskConfig.from_saved(saved["config"], data_dir=cfg.data_dir,
                                          eval_only=False, load="", use_gpu=cfg.use_gpu)
-    run_dir = run.evaluation_dir(cfg.load, cfg.run_dir)
-    predictions, scores = run.evaluate_saved(cfg.load, trained, build_tasks, saved, run_dir,
-                                             choose_device(cfg.use_gpu))
+    with run.evaluation_dir(cfg.load, cfg.run_dir, (cfg.data_dir,)) as run_dir:
+        predictions, scores = run.evaluate_saved(cfg.load, trained, build_tasks, saved, run_dir,
+                                                 choose_device(cfg.use_gpu))
     tasks = [p.task for p in predictions]
     print(format_results(scores, tasks, f"dev results of {cfg.load}")
           + f"\npredictions in {run_dir}")

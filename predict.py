@@ -26,7 +26,7 @@ from engine.cli import parse_config, run_cli
 from datasets import Example, make_loader
 from engine.errors import CheckpointError, ConfigError, DataError
 from evaluation import format_prediction
-from engine.runfiles import STDIN, atomic_write, check_output_file, read_lines
+from engine.runfiles import STDIN, atomic_write, check_output, check_output_file, read_lines
 from engine.specs import SPECS
 from engine.tasks import Task
 from utils import choose_device
@@ -119,6 +119,7 @@ def predict(cfg: PredictConfig) -> list[str]:
     """Read, predict, write; returns the output lines."""
     if cfg.output:
         check_output_file(cfg.output)  # before the work, not after it
+        check_output("--output", cfg.output, (cfg.load, cfg.input), file=True)
     device = choose_device(cfg.use_gpu)
     model, task = load_model(cfg.load, cfg.task, device, cfg.precision)
     rows = parse_rows(read_lines(cfg.input or None), task.spec.pair, cfg.input or STDIN)

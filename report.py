@@ -20,7 +20,8 @@ from engine.cli import parse_config, run_cli
 from analysis.compare import compare, format_comparison
 from analysis.plots import plot_forest, remove_stale, write_plots
 from analysis.results import LABELS, METRICS, Run, config_slug, find_runs, group_runs, metric_value
-from engine.runfiles import CONFIG_FILE, METRICS_FILE, ResultsError, atomic_write, write_json
+from engine.runfiles import (CONFIG_FILE, METRICS_FILE, ResultsError, atomic_write, check_output,
+                             write_json)
 
 
 # --- table ------------------------------------------------------------------------------
@@ -105,6 +106,7 @@ def mixed_settings(groups: dict[str, list[Run]]) -> list[str]:
 def write_report(root: str, out: str | None = None) -> dict:
     """Table and figures for every run below `root`; returns the markdown and the files."""
     out = out or os.path.join(root, "report")
+    check_output("--out", out, (root,))
     os.makedirs(out, exist_ok=True)
     groups = group_runs(find_runs(root))
     if not groups:

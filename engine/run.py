@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -16,12 +17,12 @@ from bert import BertModel
 from config import BertConfig
 from engine.build import build_parts
 from engine.configs import RunConfig
-from engine.distributed import Dist, barrier, broadcast_object, init_distributed, shutdown
+from engine.distributed import Dist, broadcast_object, init_distributed, shutdown
 from engine.errors import CheckpointError, ConfigError
 from engine.heads import MultitaskBERT
 from engine.precision import Precision
-from engine.runfiles import (CONFIG_FILE, LAST_FILE, SUMMARY_FILE, holds_run, read_json,
-                             start_run_dir)
+from engine.runfiles import CONFIG_FILE, LAST_FILE, SUMMARY_FILE, check_output, read_json
+from engine.runlock import claim_run_dir, claim_training_dir
 from engine.tasks import SPLITS, Task
 from engine.trainer import Trainer
 from evaluation import Predictions, dev_scores, predict_all
@@ -83,19 +84,21 @@ def _train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str, dist: 
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
     tasks = make_tasks(cfg, s.tokenizer, s.encoder.config, SPLITS)
     parts = build_parts(cfg, build_model(cfg, s.encoder, tasks, s.device), tasks, dist)
-    run_dir = cfg.resume or cfg.run_dir or os.path.join(
-        "runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir = broadcast_object(run_dir)  # the time-stamped name of rank 0
-    if not cfg.resume and dist.is_main:
-        start_run_dir(run_dir, {**cfg.as_dict(), "world_size": dist.world_size})
-    barrier()  # a refused folder stops every rank at once
-    log(f"{'resuming ' if cfg.resume else ''}{name} on {s.device}{parts.precision.describe()}"
-        f"{f' x {dist.world_size} processes' if dist.enabled else ''}: checkpoint {s.folder}")
-    for task in tasks:
-        log(f"  {task.name}: {len(task.train)} train, {len(task.dev)} dev, {len(task.test)} "
-            f"test, batch {global_batch(task.batch_size, cfg, dist)}")
-    extra = {"script": script, "config": cfg.as_dict(), "bert_config": asdict(s.encoder.config)}
-    summary = Trainer(parts, cfg, dist, run_dir, extra, log).fit(resume=bool(cfg.resume))
+    # Only rank 0 makes, locks (for the run's whole life) and writes the folder.
+    claim = claim_training_dir(
+        cfg.resume, cfg.run_dir, os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"),
+        {**cfg.as_dict(), "world_size": dist.world_size},
+        reads=(s.folder, cfg.data_dir, cfg.config, getattr(cfg, "aux", ""))
+    ) if dist.is_main else nullcontext("")
+    with claim as run_dir:
+        run_dir = broadcast_object(run_dir)  # the folder rank 0 claimed
+        log(f"{'resuming ' if cfg.resume else ''}{name} on {s.device}{parts.precision.describe()}"
+            f"{f' x {dist.world_size} processes' if dist.enabled else ''}: checkpoint {s.folder}")
+        for task in tasks:
+            log(f"  {task.name}: {len(task.train)} train, {len(task.dev)} dev, {len(task.test)} "
+                f"test, batch {global_batch(task.batch_size, cfg, dist)}")
+        extra = {"script": script, "config": cfg.as_dict(), "bert_config": asdict(s.encoder.config)}
+        summary = Trainer(parts, cfg, dist, run_dir, extra, log).fit(resume=bool(cfg.resume))
     return run_dir, summary, tasks
 
 
@@ -165,16 +168,12 @@ def rebuild(saved: dict, cfg: RunConfig, make_tasks: MakeTasks, splits: tuple,
     return model.to(device), tasks
 
 
-def evaluation_dir(load: str, run_dir: str) -> str:
-    """Where --eval_only writes: never over a run, never over an earlier evaluation."""
-    if run_dir:
-        if holds_run(run_dir):
-            raise ConfigError(f"--run_dir {run_dir} already holds a run or an evaluation "
-                              f"({', '.join(holds_run(run_dir))}); choose another folder")
-        return run_dir
-    base = os.path.join(os.path.dirname(os.path.abspath(load)), "eval")
-    candidates = [base] + [f"{base}-{n}" for n in range(2, 1000)]
-    return next(path for path in candidates if not holds_run(path))
+def evaluation_dir(load: str, run_dir: str, reads: tuple = ()):
+    """Where --eval_only writes, claimed while it does (claim_run_dir): never over a run, an
+    earlier evaluation or what it reads; by default LOAD's folder/eval, else eval-2, ..."""
+    default = os.path.join(os.path.dirname(os.path.abspath(load)), "eval")
+    return claim_run_dir("--run_dir", run_dir, default,
+                         lambda folder: check_output("--run_dir", folder, (load, *reads)))
 
 
 def evaluate_saved(load: str, cfg: RunConfig, make_tasks: MakeTasks, saved: dict,

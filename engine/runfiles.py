@@ -1,6 +1,7 @@
-"""The files of a run folder: their names, atomic writes, JSON and JSON-lines reading; and
-the one reader of text files (data files, predict.py's input). Torch-free, so that the
-results tools (results.py, report.py, plots.py) never load the model."""
+"""The files of a run folder: their names, atomic writes, JSON and JSON-lines reading; the
+one reader of text files (data files, predict.py's input); and the check that keeps every
+command's output off what it did not make (check_output). Torch-free, so that the results
+tools (results.py, report.py, plots.py) never load the model."""
 from __future__ import annotations
 
 import codecs
@@ -9,7 +10,7 @@ import math
 import os
 import sys
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from engine.errors import ConfigError, DataError, OutputError, UserError
 
@@ -20,8 +21,12 @@ CHECKPOINT_FILE = "best.pt"
 LAST_FILE = "last.pt"  # the state to resume from; removed once the run is complete
 PREDICTIONS_DIR = "predictions"
 DIVERGED_FILE = "diverged.json"
+STEPS_FILE = "steps.jsonl"
+LOCK_FILE = ".lock"  # locked (flock) by the one process writing the folder; says which
 # What a run writes after its config: any of them means the folder already holds a run.
 RUN_OUTPUTS = (METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE, LAST_FILE, PREDICTIONS_DIR)
+# Every file a run writes in its folder (and PREDICTIONS_DIR's contents).
+RUN_FILES = RUN_OUTPUTS + (CONFIG_FILE, DIVERGED_FILE, STEPS_FILE, LOCK_FILE)
 TEMP_PREFIX = ".tmp-"
 STDIN = "<stdin>"  # how messages name standard input
 
@@ -170,15 +175,87 @@ def holds_run(folder: str) -> list[str]:
     return [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(folder, name))]
 
 
-def start_run_dir(run_dir: str, config: dict) -> None:
-    """Create the run folder and write config.json into it. A folder that already holds a
-    run's results is refused: its metrics would mix two runs and its files be overwritten."""
-    found = holds_run(run_dir)
-    if LAST_FILE in found and SUMMARY_FILE not in found:
-        raise ConfigError(f"--run_dir {run_dir} holds an interrupted run; continue it with "
-                          f"--resume {run_dir}, or choose another folder")
-    if found:
-        raise ConfigError(f"--run_dir {run_dir} already holds a run ({', '.join(found)}); "
-                          "choose another folder or remove it")
-    os.makedirs(run_dir, exist_ok=True)
+def start_run_dir(run_dir: str, config: dict, reads: Iterable[str] = ()) -> None:
+    """Write config.json into a new run's folder, once check_output has passed it."""
+    check_output("--run_dir", run_dir, reads)
     write_json(os.path.join(run_dir, CONFIG_FILE), config)
+
+
+# --- outputs ------------------------------------------------------------------------------
+
+def check_output(flag: str, path: str, reads: Iterable[str] = (),
+                 replace: Callable[[str], bool] | None = None, file: bool = False) -> None:
+    """Refuse, naming `flag` and `path`, an output that would overwrite or delete what the
+    command did not make: anything it `reads` (or, for a folder, a folder holding one), a
+    run folder, or (a `file` output) a run's own file. With `replace` (the folder is deleted,
+    then written anew): a non-empty folder only if `replace` recognises it as the command's
+    earlier output, and never one holding a run folder."""
+    real = os.path.realpath(path)
+    if not file:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"{flag} {path}: exists and is not a folder")
+        refuse_run_folder(flag, path)
+    for read in filter(None, reads):
+        if os.path.realpath(read) == real or _same_file(read, path):
+            raise ConfigError(f"{flag} {path} is {read}, which this command reads; choose "
+                              f"another {'file' if file else 'folder'}")
+        if not file and _inside(os.path.realpath(read), real):
+            raise ConfigError(f"{flag} {path} holds {read}, which this command reads; "
+                              "choose another folder")
+    if file:
+        owner = "" if os.path.isdir(path) else _run_of(real)
+        if os.path.isdir(path) or owner:
+            what = f"a file of the run in {owner}" if owner else "a folder"
+            raise ConfigError(f"{flag} {path} is {what}; choose another file")
+        return
+    if replace is None or not os.path.isdir(path) or not os.listdir(path):
+        return
+    if not replace(path):
+        raise ConfigError(f"{flag} {path}: not empty, and not an earlier output of this "
+                          "command (only those are replaced); choose another folder")
+    runs = runs_below(path)
+    if runs:
+        raise ConfigError(f"{flag} {path} holds the run folder {runs[0]}"
+                          f"{f' (and {len(runs) - 1} more)' if len(runs) > 1 else ''}; "
+                          "it is not replaced: move the runs out or choose another folder")
+
+
+def refuse_run_folder(flag: str, path: str) -> None:
+    found = holds_run(path)
+    if LAST_FILE in found and SUMMARY_FILE not in found:
+        raise ConfigError(f"{flag} {path} holds an interrupted run; continue it with "
+                          f"--resume {path}, or choose another folder")
+    if found:
+        what = "a run or an evaluation" if found == [PREDICTIONS_DIR] else "a run"
+        raise ConfigError(f"{flag} {path} already holds {what} ({', '.join(found)}); "
+                          "choose another folder or remove it")
+
+
+def runs_below(folder: str) -> list[str]:
+    """The run folders inside `folder` (not itself)."""
+    found = []
+    for here, subfolders, _ in os.walk(folder):
+        if here != folder and holds_run(here):
+            found.append(here)
+            subfolders.clear()
+    return sorted(found)
+
+
+def _run_of(path: str) -> str:
+    """The run folder that `path` is one of the files of, else ''."""
+    folder, name = os.path.split(path)
+    if os.path.basename(folder) == PREDICTIONS_DIR:
+        folder, name = os.path.dirname(folder), PREDICTIONS_DIR
+    return folder if name in RUN_FILES and holds_run(folder) else ""
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Also through hard links."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

@@ -6,9 +6,7 @@ import math
 import os
 
 from engine.errors import ConfigError
-from engine.runfiles import atomic_write, read_jsonl, to_json
-
-STEPS_FILE = "steps.jsonl"
+from engine.runfiles import STEPS_FILE, atomic_write, read_jsonl, to_json
 
 
 class StepLog:
