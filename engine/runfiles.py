@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from typing import Any, Callable
 
@@ -17,6 +18,11 @@ CHECKPOINT_FILE = "best.pt"
 LAST_FILE = "last.pt"  # the state to resume from; removed once the run is complete
 PREDICTIONS_DIR = "predictions"
 DIVERGED_FILE = "diverged.json"
+STEPS_FILE = "steps.jsonl"  # steplog.py's live log
+TENSORBOARD_DIR = "tensorboard"
+# What a run that stopped before its first save leaves beside its config.json: a new start
+# in its folder removes them, so that they hold the new run's records alone.
+STALE_LOGS = (STEPS_FILE, TENSORBOARD_DIR, DIVERGED_FILE)
 # What a run writes after its config: any of them means the folder already holds a run.
 RUN_OUTPUTS = (METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE, LAST_FILE, PREDICTIONS_DIR)
 TEMP_PREFIX = ".tmp-"
@@ -123,7 +129,8 @@ def holds_run(folder: str) -> list[str]:
 
 def start_run_dir(run_dir: str, config: dict) -> None:
     """Create the run folder and write config.json into it. A folder that already holds a
-    run's results is refused: its metrics would mix two runs and its files be overwritten."""
+    run's results is refused: its metrics would mix two runs and its files be overwritten.
+    One whose run stopped before its first save is started afresh."""
     found = holds_run(run_dir)
     if LAST_FILE in found and SUMMARY_FILE not in found:
         raise ConfigError(f"--run_dir {run_dir} holds an interrupted run; continue it with "
@@ -131,5 +138,18 @@ def start_run_dir(run_dir: str, config: dict) -> None:
     if found:
         raise ConfigError(f"--run_dir {run_dir} already holds a run ({', '.join(found)}); "
                           "choose another folder or remove it")
+    if os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
+        remove_stale_logs(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     write_json(os.path.join(run_dir, CONFIG_FILE), config)
+
+
+def remove_stale_logs(run_dir: str) -> None:
+    """The logs of an earlier start in `run_dir` that stopped before its first save (a
+    folder with a saved state or a result is refused before this)."""
+    for name in STALE_LOGS:
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
