@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from engine import run
 from engine.cli import explicit_options, parse_config, run_cli
@@ -45,6 +46,7 @@ class MultitaskConfig(run.RunConfig):
         "loss balancing before the aggregator (balancing.py); grad_norm equalises the tasks' "
         "encoder gradient norms", choices=list(BALANCERS)))
     aux: str = field(default="", metadata=_help("auxiliary 5-class sentiment file (e.g. Yelp)"))
+    paths: ClassVar[tuple[str, ...]] = run.RunConfig.paths + ("aux",)
     tasks: str = field(default=",".join(TASK_NAMES), metadata=_help(
         "the evaluated tasks to train (comma-separated, any order), e.g. quora alone for a "
         "single-task baseline"))
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> str:
     if cfg.eval_only:
         return evaluate_checkpoint(cfg, explicit_options(MultitaskConfig, argv))
     if cfg.resume:
-        cfg = run.resume_config(MultitaskConfig, explicit_options(MultitaskConfig, argv))
+        cfg = run.resume_config(MultitaskConfig, explicit_options(MultitaskConfig, argv), SCRIPT)
     return train(cfg)
 
 

@@ -7,7 +7,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -17,6 +17,7 @@ from config import BertConfig
 from datasets import default_data_dir
 from engine.errors import CheckpointError, ConfigError
 from engine.distributed import Dist, barrier, broadcast_object, init_distributed, shutdown
+from engine.fingerprint import FINGERPRINT, check_unchanged, fingerprint
 from evaluation import Predictions, dev_scores, predict_all
 from engine.heads import POOLINGS, MultitaskBERT
 from engine.runfiles import (CONFIG_FILE, LAST_FILE, SUMMARY_FILE, holds_run, read_json,
@@ -29,6 +30,7 @@ from utils import autocast_dtype, choose_device, load_checkpoint, seed_everythin
 # (config, tokenizer, encoder config, splits to read) -> the script's tasks, heads fresh
 MakeTasks = Callable[["RunConfig", BertTokenizer, BertConfig, tuple], list[Task]]
 SAVED_KEYS = ("model", "config", "bert_config")
+SCRIPT_FILES = {"classifier": "classifier.py", "multitask": "multitask_classifier.py"}
 
 
 def _help(text: str, **extra) -> dict:
@@ -85,8 +87,14 @@ class RunConfig:
     config: str = field(default="", metadata=_help(
         "a run's config.json: start a new run with its settings (not its run_dir); the "
         "flags given beside --config override them"))
+    # Stored resolved, so that --resume, --config, --eval_only, predict.py and export.py
+    # read a run's files from any folder.
+    paths: ClassVar[tuple[str, ...]] = ("checkpoint", "data_dir")
 
     def __post_init__(self) -> None:
+        for name in self.paths:
+            if getattr(self, name):
+                setattr(self, name, os.path.abspath(getattr(self, name)))
         if not self.lr:
             self.lr = 1e-3 if self.option == "pretrain" else 1e-5
         self.check_number("lr", self.lr, low=0.0, low_open=True)
@@ -180,8 +188,9 @@ def _train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str, dist: 
     run_dir = cfg.resume or cfg.run_dir or os.path.join(
         "runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = broadcast_object(run_dir)  # the time-stamped name of rank 0
+    saved_config = {**cfg.as_dict(), "world_size": dist.world_size}  # config.json
     if not cfg.resume and dist.is_main:
-        start_run_dir(run_dir, {**cfg.as_dict(), "world_size": dist.world_size})
+        start_run_dir(run_dir, saved_config)
     barrier()  # a refused folder stops every rank at once
     autocast = f" ({str(model.autocast).replace('torch.', '')} autocast)" if model.autocast else ""
     log(f"{'resuming ' if cfg.resume else ''}{name} on {s.device}{autocast}"
@@ -189,7 +198,9 @@ def _train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str, dist: 
     for task in tasks:
         log(f"  {task.name}: {len(task.train)} train, {len(task.dev)} dev, {len(task.test)} "
             f"test, batch {global_batch(task.batch_size, cfg, dist)}")
-    extra = {"script": script, "config": cfg.as_dict(), "bert_config": asdict(s.encoder.config)}
+    extra = {"script": script, "config": cfg.as_dict(), "bert_config": asdict(s.encoder.config),
+             "tokenizer": s.tokenizer.state_dict(),  # best.pt needs no checkpoint folder
+             FINGERPRINT: fingerprint(saved_config, {t.name: t.train_file for t in tasks})}
     summary = Trainer(model, tasks, cfg, dist, run_dir, extra, log).fit(resume=bool(cfg.resume))
     return run_dir, summary, tasks
 
@@ -206,9 +217,10 @@ def global_batch(batch_size: int, cfg: RunConfig, dist: Dist) -> str:
 HARMLESS_ON_RESUME = ("resume", "progress", "save_every_steps")
 
 
-def resume_config(cls, given: dict) -> RunConfig:
+def resume_config(cls, given: dict, script: str) -> RunConfig:
     """The saved configuration of the run in --resume; a flag that would change the result
-    is refused (a resumed run equals an uninterrupted one)."""
+    is refused (a resumed run equals an uninterrupted one), and so is a run of another
+    script, or one whose config.json or training files changed since its last save."""
     folder = given["resume"]
     changed = sorted(set(given) - set(HARMLESS_ON_RESUME))
     if changed:
@@ -221,7 +233,17 @@ def resume_config(cls, given: dict) -> RunConfig:
         raise ConfigError(f"--resume {folder}: " + ("the run is already complete" if done else
                           f"no {LAST_FILE} (it stopped before its first save); start it again"))
     saved = read_json(os.path.join(folder, CONFIG_FILE))
-    return cls.from_saved(saved, **{k: v for k, v in given.items() if k in HARMLESS_ON_RESUME})
+    made_by = saved_script({"config": saved})
+    if made_by != script:
+        made = SCRIPT_FILES.get(made_by, made_by)
+        raise ConfigError(f"--resume {folder}: a run of {made}, not of {SCRIPT_FILES[script]}; "
+                          f"continue it with {made} --resume {folder}")
+    cfg = cls.from_saved(saved, **{k: v for k, v in given.items() if k in HARMLESS_ON_RESUME})
+    # as _train records it: the settings the run will use (paths resolved, unknown keys dropped)
+    now = {**cfg.as_dict(), "world_size": saved.get("world_size", 1)}
+    check_unchanged(folder, load_checkpoint(os.path.join(folder, LAST_FILE), mmap=True)
+                    .get(FINGERPRINT), now, HARMLESS_ON_RESUME)
+    return cfg
 
 
 def saved_script(saved: dict) -> str:
@@ -237,7 +259,7 @@ def load_saved(path: str, script: str | None = None) -> dict:
     found = saved_script(saved)
     if found != script and (script is not None or found not in ("classifier", "multitask")):
         raise CheckpointError(f"{path}: a {found} checkpoint; this script reads {script} ones "
-                              f"(use {found}.py)" if found in ("classifier", "multitask")
+                              f"(use {SCRIPT_FILES[found]})" if found in SCRIPT_FILES
                               else f"{path}: unknown kind of checkpoint {found!r}")
     return saved
 
@@ -248,9 +270,7 @@ def rebuild(saved: dict, cfg: RunConfig, make_tasks: MakeTasks, splits: tuple,
     of `splits` (no training file is read for evaluation)."""
     bert_config = BertConfig(**saved["bert_config"])
     check_max_length(cfg, bert_config)
-    folder = cfg.checkpoint or default_checkpoint_path()
-    tasks = make_tasks(cfg, BertTokenizer.from_pretrained(folder, cfg.max_length), bert_config,
-                       splits)
+    tasks = make_tasks(cfg, saved_tokenizer(saved, cfg, source), bert_config, splits)
     model = build_model(cfg, BertModel(bert_config), tasks, device)
     try:
         model.load_state_dict(saved["model"])
@@ -258,6 +278,14 @@ def rebuild(saved: dict, cfg: RunConfig, make_tasks: MakeTasks, splits: tuple,
         raise CheckpointError(f"{source}: its tensors do not fit the model of its own "
                               f"config ({str(err).splitlines()[0]})") from None
     return model.to(device), tasks
+
+
+def saved_tokenizer(saved: dict, cfg: RunConfig, source: str) -> BertTokenizer:
+    """The checkpoint's own copy of its tokenizer; one saved before it kept a copy reads its
+    checkpoint folder."""
+    if "tokenizer" in saved:
+        return BertTokenizer.from_state_dict(saved["tokenizer"], cfg.max_length, source)
+    return BertTokenizer.from_pretrained(cfg.checkpoint or default_checkpoint_path(), cfg.max_length)
 
 
 def evaluation_dir(load: str, run_dir: str) -> str:

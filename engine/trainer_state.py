@@ -12,6 +12,7 @@ import torch
 
 from engine.errors import UserError
 from engine.distributed import gather_objects
+from engine.fingerprint import FINGERPRINT
 from utils import load_checkpoint, save_checkpoint
 
 STATE_FORMAT = 1
@@ -104,6 +105,7 @@ def save_state(trainer, path: str) -> None:
         "rng_ranks": ranks_rng,
         "world_size": trainer.dist.world_size,
         "config": trainer.checkpoint_extra["config"],
+        FINGERPRINT: trainer.checkpoint_extra.get(FINGERPRINT),  # what --resume checks
     })
     trainer.has_saved_state = True
 
