@@ -196,11 +196,14 @@ def trainer_config(argv: list[str]):
 
 def config_differences(saved: dict, wanted) -> dict:
     """Setting -> (found, wanted) for every setting of `wanted` that `saved` does not share;
-    a setting the saved run predates counts as its default."""
+    a setting the saved run predates counts as its default, and a relative path saved before
+    paths were stored resolved counts from here, as it did then."""
     defaults = {f.name: f.default for f in fields(wanted) if f.default is not MISSING}
     differ = {}
     for key, value in asdict(wanted).items():
         found = saved.get(key, defaults.get(key))
+        if key in wanted.paths and isinstance(found, str) and found:
+            found = os.path.abspath(found)
         if key not in HARMLESS and found != value:
             differ[key] = (found, value)
     return differ
