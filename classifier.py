@@ -32,7 +32,7 @@ def train(cfg: ClassifierConfig) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(ClassifierConfig, argv, description=__doc__)
     if cfg.resume:
-        cfg = run.resume_config(ClassifierConfig, explicit_options(ClassifierConfig, argv))
+        cfg = run.resume_config(ClassifierConfig, explicit_options(ClassifierConfig, argv), SCRIPT)
     return train(cfg)
 
 

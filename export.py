@@ -26,7 +26,7 @@ from engine.cli import parse_config, run_cli
 from engine.errors import CheckpointError, ConfigError, UserError
 from engine.runfiles import check_output, file_mode, read_json
 from predict import load_trained
-from tokenizer import lowercase_of
+from tokenizer import BertTokenizer, lowercase_of, read_vocab
 
 HEADS_FORMAT = "minbert-mtl heads v1"
 SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
@@ -36,8 +36,9 @@ class ExportConfig:
     load: str = field(default="", metadata={"help": "a run's best.pt"})
     out: str = field(default="", metadata={"help": "the folder to write (must not exist or be empty)"})
     checkpoint: str = field(default="", metadata={
-        "help": "folder holding the vocab.txt (and tokenizer_config.json) the run was trained "
-                "with (default: the run's --checkpoint, else the packaged all-MiniLM-L6-v2)"})
+        "help": "for a best.pt without its own copy of the tokenizer (saved before it kept "
+                "one): the folder holding the vocab.txt (and tokenizer_config.json) the run was "
+                "trained with (default: the run's --checkpoint, else the packaged all-MiniLM-L6-v2)"})
     force: bool = field(default=False, metadata={
         "help": "replace an earlier export in --out (nothing else: not a run, not what it reads)"})
     sentence_transformers: bool = field(default=True, metadata={
@@ -129,6 +130,20 @@ def write_folder(out: str, force: bool, fill: Callable[[str], None],
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def run_vocabulary(saved: dict, run_config, cfg: ExportConfig) -> tuple[list[str], bool, str]:
+    """The run's vocab.txt lines and lower-casing, and where they come from: best.pt's own
+    copy, else (a best.pt saved before it kept one) the checkpoint folder."""
+    if "tokenizer" in saved:
+        tokenizer = BertTokenizer.from_state_dict(saved["tokenizer"], source=cfg.load)
+        return tokenizer.lines, tokenizer.lowercase, f"{cfg.load} (its vocabulary)"
+    source = cfg.checkpoint or run_config.checkpoint or default_checkpoint_path()
+    vocab = os.path.join(source, "vocab.txt")
+    if not os.path.isfile(vocab):
+        raise CheckpointError(f"{vocab}: vocabulary file not found (pass --checkpoint with "
+                              "the folder the run was trained from)")
+    return read_vocab(vocab), lowercase_of(source), vocab
+
+
 def export(cfg: ExportConfig) -> str:
     from safetensors.torch import save_file
     # the model as it was trained, rebuilt through the run path with a strict load
@@ -136,15 +151,9 @@ def export(cfg: ExportConfig) -> str:
                                                    checkpoint=cfg.checkpoint)
     encoder = model.encoder
     bert_config = encoder.config
-    source = cfg.checkpoint or run_config.checkpoint or default_checkpoint_path()
-    vocab = os.path.join(source, "vocab.txt")
-    if not os.path.isfile(vocab):
-        raise CheckpointError(f"{vocab}: vocabulary file not found (pass --checkpoint with "
-                                "the folder the run was trained from)")
-    with open(vocab, encoding="utf-8") as f:
-        vocab_size = sum(1 for _ in f)
-    if vocab_size > bert_config.vocab_size:
-        raise CheckpointError(f"{vocab}: {vocab_size} tokens, but the encoder has only "
+    vocab, lowercase, vocab_source = run_vocabulary(saved, run_config, cfg)
+    if len(vocab) > bert_config.vocab_size:
+        raise CheckpointError(f"{vocab_source}: {len(vocab)} tokens, but the encoder has only "
                               f"{bert_config.vocab_size} embeddings")
     max_length = run_config.max_length
     hidden = bert_config.hidden_size
@@ -165,8 +174,9 @@ def export(cfg: ExportConfig) -> str:
         write_json(os.path.join(folder, "config.json"), to_hf_config(bert_config))
         save_file(to_hf_state_dict(encoder), os.path.join(folder, "model.safetensors"),
                   metadata={"format": "pt"})
-        shutil.copyfile(vocab, os.path.join(folder, "vocab.txt"))
-        for name, obj in tokenizer_files(lowercase_of(source), max_length).items():
+        with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8", newline="") as f:
+            f.writelines(line + "\n" for line in vocab)
+        for name, obj in tokenizer_files(lowercase, max_length).items():
             write_json(os.path.join(folder, name), obj)
         save_file(heads_tensors, os.path.join(folder, "heads.safetensors"),
                   metadata={"format": "pt"})
@@ -180,7 +190,7 @@ def export(cfg: ExportConfig) -> str:
             if not torch.equal(reloaded[key], tensor):
                 raise CheckpointError(f"{folder}: {key} does not read back as written")
 
-    write_folder(cfg.out, cfg.force, fill, reads=(cfg.load, source))
+    write_folder(cfg.out, cfg.force, fill, reads=(cfg.load, run_config.checkpoint))
     print(f"exported {cfg.load} (epoch {saved.get('epoch')}; heads "
           f"{', '.join(f'{t.name} ({t.head.kind})' for t in tasks)}) to {cfg.out}"
           f"{'; with sentence-transformers files' if with_st else ''}")

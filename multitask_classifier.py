@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> str:
     if cfg.eval_only:
         return evaluate_checkpoint(cfg, explicit_options(MultitaskConfig, argv))
     if cfg.resume:
-        cfg = run.resume_config(MultitaskConfig, explicit_options(MultitaskConfig, argv))
+        cfg = run.resume_config(MultitaskConfig, explicit_options(MultitaskConfig, argv), SCRIPT)
     return train(cfg)
 
 

@@ -13,6 +13,10 @@ from tokenizers import BertWordPieceTokenizer
 from engine.errors import CheckpointError
 
 DEFAULT_MAX_LENGTH = 128
+# The white space the tokenizers package trims off the end of each vocab.txt line (Rust's
+# char::is_whitespace): str.rstrip() would also take \x1c-\x1f.
+WHITE_SPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200b)))
+               + "\u2028\u2029\u202f\u205f\u3000")
 
 
 @dataclass
@@ -43,18 +47,37 @@ def lowercase_of(folder: str) -> bool:
     return True
 
 
+def read_vocab(path: str) -> list[str]:
+    """vocab.txt's lines, split as the tokenizers package splits them (on \n alone)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: vocabulary file not found")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: not UTF-8 text ({err.reason})") from None
+    return lines[:-1] if lines[-1] == "" else lines
+
+
+def vocab_ids(lines: Sequence[str]) -> dict[str, int]:
+    """Token -> id as the tokenizers package reads vocab.txt: the line number, trailing white
+    space trimmed, a repeated token at its last line."""
+    return {line.rstrip(WHITE_SPACE): i for i, line in enumerate(lines)}
+
+
 class BertTokenizer:
     """Encodes sentences (`[CLS] a [SEP]`) and pairs (`[CLS] a [SEP] b [SEP]`, token types
     0 then 1), truncated to `max_length` (pairs longest-first)."""
 
-    def __init__(self, vocab_path: str, lowercase: bool = True,
+    def __init__(self, vocab: str | Sequence[str], lowercase: bool = True,
                  max_length: int = DEFAULT_MAX_LENGTH):
-        if not os.path.isfile(vocab_path):
-            raise CheckpointError(f"{vocab_path}: vocabulary file not found")
+        """`vocab`: a vocab.txt path, or its lines (a checkpoint's own copy, state_dict)."""
+        lines = read_vocab(vocab) if isinstance(vocab, str) else list(vocab)
         if max_length < 4:
             raise ValueError(f"max_length must be at least 4, got {max_length}")
-        self.max_length = max_length
-        self._tok = BertWordPieceTokenizer(vocab_path, lowercase=lowercase)
+        self.max_length, self.lines, self.lowercase = max_length, lines, lowercase
+        # Both ways through the same mapping: a saved copy encodes exactly as its folder.
+        self._tok = BertWordPieceTokenizer(vocab_ids(lines), lowercase=lowercase)
         self._tok.enable_truncation(max_length, strategy="longest_first")
         self.pad_token_id = self._tok.token_to_id("[PAD]")
         self._tok.enable_padding(pad_id=self.pad_token_id, pad_token="[PAD]")
@@ -65,6 +88,18 @@ class BertTokenizer:
         """The tokenizer of a checkpoint folder (callers resolve the folder: the data
         layer never reaches into the model loader)."""
         return cls(os.path.join(folder, "vocab.txt"), lowercase_of(folder), max_length)
+
+    def state_dict(self) -> dict:
+        """What the tokenizer needs, for best.pt: it then no longer depends on the folder."""
+        return {"vocab": list(self.lines), "lowercase": self.lowercase}
+
+    @classmethod
+    def from_state_dict(cls, state: dict, max_length: int = DEFAULT_MAX_LENGTH,
+                        source: str = "checkpoint") -> "BertTokenizer":
+        vocab = state.get("vocab") if isinstance(state, dict) else None
+        if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
+            raise CheckpointError(f"{source}: its saved tokenizer has no vocabulary lines")
+        return cls(vocab, bool(state.get("lowercase", True)), max_length)
 
     def encode(self, texts: Sequence[str],
                pairs: Sequence[str] | None = None) -> Encoded:

@@ -20,13 +20,14 @@ def save_checkpoint(path: str, payload: dict) -> None:
     atomic_write(path, lambda f: torch.save(payload, f), mode="wb")
 
 
-def load_checkpoint(path: str, required: tuple[str, ...] = ()) -> dict:
+def load_checkpoint(path: str, required: tuple[str, ...] = (), mmap: bool = False) -> dict:
     """A checkpoint written by save_checkpoint; a missing, truncated or foreign file, or
-    one without the `required` keys, is a CheckpointError naming it."""
+    one without the `required` keys, is a CheckpointError naming it. mmap: tensors are read
+    only when touched (a look at a checkpoint's small records costs no weights)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # pickle, zip and torch errors alike: the file is unusable
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated, or not written "
                               f"by this tool? {type(err).__name__})") from None

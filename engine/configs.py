@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
 
 from engine.errors import ConfigError
 from engine.names import (AGGREGATORS, BALANCERS, ENCODINGS, MODES, OPTIONS, PCGRAD_REDUCTIONS,
@@ -94,8 +95,14 @@ class RunConfig:
     config: str = field(default="", metadata=_help(
         "a run's config.json: start a new run with its settings (not its run_dir); the "
         "flags given beside --config override them"))
+    # Stored resolved, so that --resume, --config, --eval_only, predict.py and export.py
+    # read a run's files from any folder.
+    paths: ClassVar[tuple[str, ...]] = ("checkpoint", "data_dir")
 
     def __post_init__(self) -> None:
+        for name in self.paths:
+            if getattr(self, name):
+                setattr(self, name, os.path.abspath(getattr(self, name)))
         if not self.lr:
             self.lr = 1e-3 if self.option == "pretrain" else 1e-5
         self.check_number("lr", self.lr, low=0.0, low_open=True)
@@ -158,6 +165,7 @@ class MultitaskConfig(RunConfig):
         "loss balancing before the aggregator (balancing.py); grad_norm equalises the tasks' "
         "encoder gradient norms", choices=list(BALANCERS)))
     aux: str = field(default="", metadata=_help("auxiliary 5-class sentiment file (e.g. Yelp)"))
+    paths: ClassVar[tuple[str, ...]] = RunConfig.paths + ("aux",)
     tasks: str = field(default=",".join(TASK_NAMES), metadata=_help(
         "the evaluated tasks to train (comma-separated, any order), e.g. quora alone for a "
         "single-task baseline"))

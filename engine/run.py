@@ -19,6 +19,7 @@ from engine.build import build_parts
 from engine.configs import RunConfig
 from engine.distributed import Dist, broadcast_object, init_distributed, shutdown
 from engine.errors import CheckpointError, ConfigError
+from engine.fingerprint import FINGERPRINT, check_unchanged, fingerprint
 from engine.heads import MultitaskBERT
 from engine.precision import Precision
 from engine.runfiles import CONFIG_FILE, LAST_FILE, SUMMARY_FILE, check_output, read_json
@@ -32,6 +33,7 @@ from utils import choose_device, load_checkpoint, seed_everything
 # (config, tokenizer, encoder config, splits to read) -> the script's tasks, heads fresh
 MakeTasks = Callable[["RunConfig", BertTokenizer, BertConfig, tuple], list[Task]]
 SAVED_KEYS = ("model", "config", "bert_config")
+SCRIPT_FILES = {"classifier": "classifier.py", "multitask": "multitask_classifier.py"}
 
 
 @dataclass
@@ -85,9 +87,10 @@ def _train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str, dist: 
     tasks = make_tasks(cfg, s.tokenizer, s.encoder.config, SPLITS)
     parts = build_parts(cfg, build_model(cfg, s.encoder, tasks, s.device), tasks, dist)
     # Only rank 0 makes, locks (for the run's whole life) and writes the folder.
+    saved_config = {**cfg.as_dict(), "world_size": dist.world_size}  # config.json
     claim = claim_training_dir(
         cfg.resume, cfg.run_dir, os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"),
-        {**cfg.as_dict(), "world_size": dist.world_size},
+        saved_config,
         reads=(s.folder, cfg.data_dir, cfg.config, getattr(cfg, "aux", ""))
     ) if dist.is_main else nullcontext("")
     with claim as run_dir:
@@ -97,7 +100,9 @@ def _train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str, dist: 
         for task in tasks:
             log(f"  {task.name}: {len(task.train)} train, {len(task.dev)} dev, {len(task.test)} "
                 f"test, batch {global_batch(task.batch_size, cfg, dist)}")
-        extra = {"script": script, "config": cfg.as_dict(), "bert_config": asdict(s.encoder.config)}
+        extra = {"script": script, "config": cfg.as_dict(), "bert_config": asdict(s.encoder.config),
+                 "tokenizer": s.tokenizer.state_dict(),  # best.pt needs no checkpoint folder
+                 FINGERPRINT: fingerprint(saved_config, {t.name: t.train_file for t in tasks})}
         summary = Trainer(parts, cfg, dist, run_dir, extra, log).fit(resume=bool(cfg.resume))
     return run_dir, summary, tasks
 
@@ -114,9 +119,10 @@ def global_batch(batch_size: int, cfg: RunConfig, dist: Dist) -> str:
 HARMLESS_ON_RESUME = ("resume", "progress", "save_every_steps")
 
 
-def resume_config(cls, given: dict) -> RunConfig:
+def resume_config(cls, given: dict, script: str) -> RunConfig:
     """The saved configuration of the run in --resume; a flag that would change the result
-    is refused (a resumed run equals an uninterrupted one)."""
+    is refused (a resumed run equals an uninterrupted one), and so is a run of another
+    script, or one whose config.json or training files changed since its last save."""
     folder = given["resume"]
     changed = sorted(set(given) - set(HARMLESS_ON_RESUME))
     if changed:
@@ -129,7 +135,17 @@ def resume_config(cls, given: dict) -> RunConfig:
         raise ConfigError(f"--resume {folder}: " + ("the run is already complete" if done else
                           f"no {LAST_FILE} (it stopped before its first save); start it again"))
     saved = read_json(os.path.join(folder, CONFIG_FILE))
-    return cls.from_saved(saved, **{k: v for k, v in given.items() if k in HARMLESS_ON_RESUME})
+    made_by = saved_script({"config": saved})
+    if made_by != script:
+        made = SCRIPT_FILES.get(made_by, made_by)
+        raise ConfigError(f"--resume {folder}: a run of {made}, not of {SCRIPT_FILES[script]}; "
+                          f"continue it with {made} --resume {folder}")
+    cfg = cls.from_saved(saved, **{k: v for k, v in given.items() if k in HARMLESS_ON_RESUME})
+    # as _train records it: the settings the run will use (paths resolved, unknown keys dropped)
+    now = {**cfg.as_dict(), "world_size": saved.get("world_size", 1)}
+    check_unchanged(folder, load_checkpoint(os.path.join(folder, LAST_FILE), mmap=True)
+                    .get(FINGERPRINT), now, HARMLESS_ON_RESUME)
+    return cfg
 
 
 def saved_script(saved: dict) -> str:
@@ -145,7 +161,7 @@ def load_saved(path: str, script: str | None = None) -> dict:
     found = saved_script(saved)
     if found != script and (script is not None or found not in ("classifier", "multitask")):
         raise CheckpointError(f"{path}: a {found} checkpoint; this script reads {script} ones "
-                              f"(use {found}.py)" if found in ("classifier", "multitask")
+                              f"(use {SCRIPT_FILES[found]})" if found in SCRIPT_FILES
                               else f"{path}: unknown kind of checkpoint {found!r}")
     return saved
 
@@ -156,9 +172,7 @@ def rebuild(saved: dict, cfg: RunConfig, make_tasks: MakeTasks, splits: tuple,
     of `splits` (no training file is read for evaluation)."""
     bert_config = BertConfig(**saved["bert_config"])
     check_max_length(cfg, bert_config)
-    folder = cfg.checkpoint or default_checkpoint_path()
-    tasks = make_tasks(cfg, BertTokenizer.from_pretrained(folder, cfg.max_length), bert_config,
-                       splits)
+    tasks = make_tasks(cfg, saved_tokenizer(saved, cfg, source), bert_config, splits)
     model = build_model(cfg, BertModel(bert_config), tasks, device)
     try:
         model.load_state_dict(saved["model"])
@@ -166,6 +180,14 @@ def rebuild(saved: dict, cfg: RunConfig, make_tasks: MakeTasks, splits: tuple,
         raise CheckpointError(f"{source}: its tensors do not fit the model of its own "
                               f"config ({str(err).splitlines()[0]})") from None
     return model.to(device), tasks
+
+
+def saved_tokenizer(saved: dict, cfg: RunConfig, source: str) -> BertTokenizer:
+    """The checkpoint's own copy of its tokenizer; one saved before it kept a copy reads its
+    checkpoint folder."""
+    if "tokenizer" in saved:
+        return BertTokenizer.from_state_dict(saved["tokenizer"], cfg.max_length, source)
+    return BertTokenizer.from_pretrained(cfg.checkpoint or default_checkpoint_path(), cfg.max_length)
 
 
 def evaluation_dir(load: str, run_dir: str, reads: tuple = ()):

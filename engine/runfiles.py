@@ -8,6 +8,7 @@ import codecs
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 from typing import Any, Callable, Iterable
@@ -21,7 +22,11 @@ CHECKPOINT_FILE = "best.pt"
 LAST_FILE = "last.pt"  # the state to resume from; removed once the run is complete
 PREDICTIONS_DIR = "predictions"
 DIVERGED_FILE = "diverged.json"
-STEPS_FILE = "steps.jsonl"
+STEPS_FILE = "steps.jsonl"  # steplog.py's live log
+TENSORBOARD_DIR = "tensorboard"
+# What a run that stopped before its first save leaves beside its config.json: a new start
+# in its folder removes them, so that they hold the new run's records alone.
+STALE_LOGS = (STEPS_FILE, TENSORBOARD_DIR, DIVERGED_FILE)
 LOCK_FILE = ".lock"  # locked (flock) by the one process writing the folder; says which
 # What a run writes after its config: any of them means the folder already holds a run.
 RUN_OUTPUTS = (METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE, LAST_FILE, PREDICTIONS_DIR)
@@ -176,9 +181,22 @@ def holds_run(folder: str) -> list[str]:
 
 
 def start_run_dir(run_dir: str, config: dict, reads: Iterable[str] = ()) -> None:
-    """Write config.json into a new run's folder, once check_output has passed it."""
+    """Write config.json into a new run's folder, once check_output has passed it. A folder
+    whose run stopped before its first save is started afresh (its logs removed)."""
     check_output("--run_dir", run_dir, reads)
+    remove_stale_logs(run_dir)
     write_json(os.path.join(run_dir, CONFIG_FILE), config)
+
+
+def remove_stale_logs(run_dir: str) -> None:
+    """The logs of an earlier start in `run_dir` that stopped before its first save (a
+    folder with a saved state or a result is refused before this)."""
+    for name in STALE_LOGS:
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 # --- outputs ------------------------------------------------------------------------------

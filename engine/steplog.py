@@ -6,7 +6,7 @@ import math
 import os
 
 from engine.errors import ConfigError
-from engine.runfiles import STEPS_FILE, atomic_write, read_jsonl, to_json
+from engine.runfiles import STEPS_FILE, TENSORBOARD_DIR, atomic_write, read_jsonl, to_json
 
 
 class StepLog:
@@ -69,4 +69,4 @@ def open_tensorboard(run_dir: str):
     except ImportError:
         raise ConfigError("--tensorboard needs the tensorboard package: pip install -c "
                           "requirements.txt -r requirements-extras.txt") from None
-    return SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    return SummaryWriter(os.path.join(run_dir, TENSORBOARD_DIR))

@@ -61,6 +61,7 @@ class Task:
     dev: list[Example] = field(default_factory=list)
     test: list[Example] = field(default_factory=list)
     weight: float = 1.0
+    train_file: str = ""  # the file `train` was read from (last.pt records its digest)
 
     @property
     def name(self) -> str:
@@ -130,8 +131,9 @@ def build_task(spec: TaskSpec, data_dir: str, tokenizer, encoder_config, batch_s
                splits: tuple[str, ...] = SPLITS, train_path: str = "",
                weight: float = 1.0) -> Task:
     """Read a task's files and give it a fresh head."""
-    data = read_task_data(spec, data_dir, splits, train_path)
+    train_file = (train_path or split_path(spec, data_dir, "train")) if "train" in splits else ""
+    data = read_task_data(spec, data_dir, splits, train_file)
     head = make_head(spec, encoder_config.hidden_size, dropout, pooling, encoding,
                      encoder_config.initializer_range)
     collate = Collator(tokenizer, separate=head.separate_pair)
-    return Task(spec, head, collate, batch_size, weight=weight, **data)
+    return Task(spec, head, collate, batch_size, weight=weight, train_file=train_file, **data)

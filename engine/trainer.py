@@ -23,6 +23,7 @@ from engine.configs import RunConfig
 from engine.diagnostics import GradDiagnostics, format_epoch
 from engine.distributed import Dist, broadcast_parameters_
 from engine.errors import Interrupted
+from engine.fingerprint import FINGERPRINT
 from engine.runfiles import (CHECKPOINT_FILE, DIVERGED_FILE, LAST_FILE, METRICS_FILE,
                              SUMMARY_FILE, append_jsonl, read_jsonl, write_json)
 from engine.step import train_step
@@ -94,7 +95,9 @@ class Trainer:
         restore_rng(saved, self.dist.rank)
 
     def save(self) -> None:
-        save_state(self.last_path, self.state_dict(), self.dist, self.checkpoint_extra["config"])
+        meta = {"config": self.checkpoint_extra["config"],
+                FINGERPRINT: self.checkpoint_extra.get(FINGERPRINT)}  # what --resume checks
+        save_state(self.last_path, self.state_dict(), self.dist, meta)
         self.has_saved_state = True
 
     # --- the loop ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 
 from engine.errors import UserError
 from engine.distributed import gather_objects
+from engine.fingerprint import FINGERPRINT
 from utils import load_checkpoint, save_checkpoint
 
 STATE_FORMAT = 1
@@ -83,15 +84,16 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_state(path: str, state: dict, dist, config: dict) -> None:
-    """A Trainer's state_dict with every process's random state, atomically. Under torchrun
+def save_state(path: str, state: dict, dist, meta: dict) -> None:
+    """A Trainer's state_dict with every process's random state and `meta` (the run's
+    config and its fingerprint, which --resume checks), atomically. Under torchrun
     every process calls it (each one's random state is gathered); rank 0 writes."""
     ranks_rng = gather_objects(rng_states())  # dropout draws differ between processes
     if not dist.is_main:
         return
     save_checkpoint(path, {"format": STATE_FORMAT, **state, "rng": ranks_rng[0],
                            "rng_ranks": ranks_rng, "world_size": dist.world_size,
-                           "config": config})
+                           **meta})
 
 
 def load_state(path: str, dist) -> dict:

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from engine.cli import parse_config
@@ -16,7 +18,7 @@ def test_flags_and_types():
     cfg = parse_config(MultitaskConfig, ["--pcgrad", "--no-bucket", "--epochs", "2",
                                          "--hidden_dropout_prob", "0.5", "--aux", "y.csv"])
     assert cfg.pcgrad and not cfg.bucket and cfg.epochs == 2
-    assert cfg.hidden_dropout_prob == 0.5 and cfg.aux == "y.csv"
+    assert cfg.hidden_dropout_prob == 0.5 and cfg.aux == os.path.abspath("y.csv")  # stored resolved
     assert cfg.run_name() == "finetune-mix-pcgrad-aux-0.5"
     assert parse_config(MultitaskConfig, ["--tasks", "quora"]).run_name() == "finetune-mix-quora-0.3"
 

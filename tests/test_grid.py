@@ -164,10 +164,25 @@ def test_finished_run_with_other_settings_is_an_error(tmp_path):
                         (["--extra=--head_lr 0.5"], "head_lr"),
                         (["--extra=--weight_sts 2"], "weight_sts"),
                         (["--data_dir", "elsewhere"], "data_dir"),
-                        (["--checkpoint", "other"], "checkpoint: '' there, 'other' now")):
+                        (["--checkpoint", "other"], "checkpoint: '' there, '/\\S*/other' now")):
         with pytest.raises(ConfigError, match=what):
             grid.main(base + extra, runner=refuse)
     grid.main(base + ["--extra=--no-progress"], runner=refuse)  # harmless: reused
+
+
+def test_a_run_that_saved_its_paths_relative_is_still_the_same_run(tmp_path, monkeypatch):
+    """config.json stores --data_dir and --checkpoint resolved; one written before, relative,
+    still counts as the run of the same (relative) flags given in the same folder."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--rows", "pretrain-0.3", "--runs_dir", "grid", "--epochs", "1", "--data_dir", "D",
+            "--checkpoint", "C"]
+    grid.main(base, runner=FakeTrainer())
+    path = os.path.join("grid", "pretrain-0.3-seed0", "config.json")
+    saved = json.load(open(path))
+    assert saved["data_dir"] == str(tmp_path / "D")
+    with open(path, "w") as f:
+        json.dump({**saved, "data_dir": "D", "checkpoint": "C"}, f)
+    grid.main(base, runner=refuse)
 
 
 def test_unknown_row_lists_the_known_ones():

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -82,3 +84,52 @@ def test_encoded_to_and_as_kwargs_keep_the_fields(tok):
     for name in ("input_ids", "token_type_ids", "attention_mask"):
         assert torch.equal(getattr(moved, name), getattr(enc, name))
         assert torch.equal(enc.as_kwargs()[name], getattr(enc, name))
+
+
+# Lines the tokenizers package reads its own way: trailing (Unicode) white space trimmed, but
+# not \x1c; a lone \r inside a line; \r\n; an empty line; a token twice (the later id wins).
+TRICKY_VOCAB = ("[PAD]\n[UNK]\r\n[CLS]\n[SEP]\n[MASK]\nthe\nmovie  \nis\t\ngreat\u3000\n\x1cx\x1c\n"
+                "a\rb\n\nfilm\n##s\nthe\nGREAT\n\u200bzero\nlast")
+
+
+def vocab_folder(tmp_path, name, lowercase):
+    import json
+    import shutil
+    if name == "packaged":
+        folder = shutil.copytree(default_checkpoint_path(), tmp_path / "packaged")
+    else:
+        folder = tmp_path / name
+        folder.mkdir()
+        with open(folder / "vocab.txt", "w", encoding="utf-8", newline="") as f:
+            f.write(TRICKY_VOCAB)
+    with open(folder / "tokenizer_config.json", "w") as f:
+        json.dump({"do_lower_case": lowercase}, f)
+    return str(folder)
+
+
+@pytest.mark.parametrize("lowercase", [True, False], ids=["uncased", "cased"])
+@pytest.mark.parametrize("vocab", ["packaged", "tricky"])
+def test_a_saved_tokenizer_gives_the_ids_of_its_folder(tmp_path, vocab, lowercase):
+    """best.pt keeps the tokenizer's state (vocabulary lines, lower-casing): rebuilt from it,
+    with the folder gone, it encodes exactly as the folder's vocab.txt read by tokenizers."""
+    import shutil
+    from tokenizers import BertWordPieceTokenizer
+    folder = vocab_folder(tmp_path, vocab, lowercase)
+    texts = ["the movie is great", "The movies GREAT", "\x1cx\x1c a\rb zero", "last film", "",
+             "hello world, how are you?", "Ünïcödé   spaces\u3000and\ttabs"]
+    pairs = ["is the film", "great great", "the", "GREAT", "movie", "hello", "x"]
+    reference = BertWordPieceTokenizer(os.path.join(folder, "vocab.txt"), lowercase=lowercase)
+    reference.enable_truncation(12, strategy="longest_first")
+    reference.enable_padding(pad_id=reference.token_to_id("[PAD]"), pad_token="[PAD]")
+    from_folder = BertTokenizer.from_pretrained(folder, max_length=12)
+    state = from_folder.state_dict()
+    assert state["lowercase"] is lowercase
+    shutil.rmtree(folder)
+    from_state = BertTokenizer.from_state_dict(state, max_length=12)
+    for args in ((texts,), (texts, pairs)):
+        expected = reference.encode_batch(list(zip(*args)) if len(args) == 2 else texts)
+        for tok in (from_folder, from_state):
+            enc = tok.encode(*args)
+            assert enc.input_ids.tolist() == [e.ids for e in expected]
+            assert enc.token_type_ids.tolist() == [e.type_ids for e in expected]
+            assert enc.attention_mask.tolist() == [e.attention_mask for e in expected]
