@@ -12,7 +12,6 @@ from typing import ClassVar
 
 from engine import run
 from engine.cli import explicit_options, parse_config, run_cli
-from engine.errors import ConfigError
 from engine.specs import CLASSIFIER_TASKS, SPECS
 from engine.tasks import Task, build_task
 
@@ -33,11 +32,7 @@ class ClassifierConfig(run.RunConfig):
     grad_diagnostics: ClassVar[bool] = False
     grad_diagnostics_every: ClassVar[int] = 1
     seq_order: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.batch_size <= 0:
-            raise ConfigError(f"--batch_size must be positive, got {self.batch_size}")
+    INT_RANGES: ClassVar[dict] = {**run.RunConfig.INT_RANGES, "batch_size": (1, None)}
 
     def aggregator_options(self) -> dict:
         return {}

@@ -27,6 +27,7 @@ from engine.cli import parse_config, run_cli
 from config import BertConfig
 from engine.errors import CheckpointError, ConfigError
 from engine.heads import head_kind
+from engine.paths import check_kind
 from engine.run import SAVED_KEYS
 from engine.runfiles import file_mode
 from engine.specs import AUX, SPECS, TaskSpec
@@ -71,6 +72,7 @@ class ExportConfig:
 def read_run(path: str) -> dict:
     """A best.pt, checked to be a training checkpoint; anything else raises CheckpointError
     naming the file."""
+    check_kind("--load", path, "model")
     saved = load_checkpoint(path, SAVED_KEYS)
     if not isinstance(saved["model"], dict) or not all(
             isinstance(v, torch.Tensor) for v in saved["model"].values()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from engine import run
 from engine.cli import explicit_options, parse_config, run_cli
@@ -16,6 +17,7 @@ from engine.errors import ConfigError
 from datasets import subsample
 from evaluation import format_results
 from engine.heads import ENCODINGS
+from engine.paths import check_kind
 from engine.aggregators import AGGREGATORS
 from engine.balancing import BALANCERS
 from engine.specs import AUX, SPECS, TASK_NAMES, canonical_tasks
@@ -74,9 +76,14 @@ class MultitaskConfig(run.RunConfig):
     eval_only: bool = field(default=False, metadata=_help(
         "evaluate and predict from --load (its saved config wins over training flags)"))
     load: str = field(default="", metadata=_help("a best.pt checkpoint, for --eval_only"))
+    INT_RANGES: ClassVar[dict] = {
+        **run.RunConfig.INT_RANGES, "subsample": (0, None), "grad_diagnostics_every": (1, None),
+        **{f"batch_size_{name}": (1, None) for name in TASK_NAMES + (AUX.name,)}}
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_number("cagrad_c", self.cagrad_c, low=0.0)
+        check_kind("--aux", self.aux, "file")
         if self.pcgrad and self.aggregator not in ("sum", "pcgrad"):
             raise ConfigError(f"--pcgrad is --aggregator pcgrad; it contradicts --aggregator {self.aggregator}")
         if self.pcgrad or self.aggregator == "pcgrad":
@@ -95,13 +102,7 @@ class MultitaskConfig(run.RunConfig):
             raise ConfigError(f"--seq_order must name {', '.join(TASK_NAMES)} once each, "
                               f"got {self.seq_order!r}")
         for name in self.all_task_names:
-            if self.batch_size(name) <= 0:
-                raise ConfigError(f"--batch_size_{name} must be positive, got {self.batch_size(name)}")
             self.check_number(f"weight_{name}", self.weight(name), low=0.0)
-        if self.grad_diagnostics_every <= 0:
-            raise ConfigError(f"--grad_diagnostics_every must be positive, got {self.grad_diagnostics_every}")
-        if self.subsample < 0:
-            raise ConfigError(f"--subsample must be 0 (all) or positive, got {self.subsample}")
 
     @property
     def task_names(self) -> tuple[str, ...]:

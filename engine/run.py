@@ -7,7 +7,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -15,12 +15,15 @@ from base_bert import default_checkpoint_path, from_pretrained
 from bert import BertModel
 from config import BertConfig
 from datasets import default_data_dir
+from engine.cli import SEED_RANGE, check_ranges
 from engine.errors import CheckpointError, ConfigError
-from engine.distributed import Dist, barrier, broadcast_object, init_distributed, shutdown
+from engine.distributed import Dist, broadcast_object, init_distributed, on_main, shutdown
 from evaluation import Predictions, dev_scores, predict_all
 from engine.heads import POOLINGS, MultitaskBERT
+from engine.paths import check_kind
 from engine.runfiles import (CONFIG_FILE, LAST_FILE, SUMMARY_FILE, holds_run, read_json,
                       start_run_dir)
+from engine.steplog import require_tensorboard
 from engine.tasks import SPLITS, Task
 from tokenizer import BertTokenizer
 from engine.trainer import Trainer
@@ -85,6 +88,10 @@ class RunConfig:
     config: str = field(default="", metadata=_help(
         "a run's config.json: start a new run with its settings (not its run_dir); the "
         "flags given beside --config override them"))
+    # [low, high) of every int option (high None: no bound), checked by cli.check_ranges
+    INT_RANGES: ClassVar[dict] = {"epochs": (1, None), "seed": SEED_RANGE, "max_length": (4, None),
+                                  "grad_accumulation": (1, None), "save_every_steps": (0, None),
+                                  "log_every_steps": (0, None)}
 
     def __post_init__(self) -> None:
         if not self.lr:
@@ -94,15 +101,7 @@ class RunConfig:
         self.check_number("weight_decay", self.weight_decay, low=0.0)
         self.check_number("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
         self.check_number("hidden_dropout_prob", self.hidden_dropout_prob, low=0.0, high=1.0)
-        if self.epochs <= 0:
-            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
-        if self.grad_accumulation < 1:
-            raise ConfigError(f"--grad_accumulation must be at least 1, got {self.grad_accumulation}")
-        if self.save_every_steps < 0:
-            raise ConfigError(f"--save_every_steps must be 0 or positive, got {self.save_every_steps}")
-        if self.max_length < 4:
-            raise ConfigError(f"--max_length must be at least 4 ([CLS] a [SEP] b [SEP] "
-                              f"needs them), got {self.max_length}")
+        check_ranges(self)  # max_length >= 4: [CLS] a [SEP] b [SEP]
 
     @staticmethod
     def check_number(name: str, value: float, low: float, high: float = math.inf,
@@ -172,6 +171,8 @@ def train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str,
 
 def _train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str, dist: Dist,
            log: Callable[[str], None]) -> tuple[str, dict, list[Task]]:
+    if cfg.tensorboard:  # before the run folder: a refused run leaves none
+        on_main(dist, require_tensorboard)
     s = setup(cfg, dist)
     if dist.rank > 0:  # the same weights everywhere (DDP broadcasts them); other dropout draws
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
@@ -180,9 +181,8 @@ def _train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str, dist: 
     run_dir = cfg.resume or cfg.run_dir or os.path.join(
         "runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = broadcast_object(run_dir)  # the time-stamped name of rank 0
-    if not cfg.resume and dist.is_main:
-        start_run_dir(run_dir, {**cfg.as_dict(), "world_size": dist.world_size})
-    barrier()  # a refused folder stops every rank at once
+    if not cfg.resume:  # a refused folder stops every rank at once
+        on_main(dist, start_run_dir, run_dir, {**cfg.as_dict(), "world_size": dist.world_size})
     autocast = f" ({str(model.autocast).replace('torch.', '')} autocast)" if model.autocast else ""
     log(f"{'resuming ' if cfg.resume else ''}{name} on {s.device}{autocast}"
         f"{f' x {dist.world_size} processes' if dist.enabled else ''}: checkpoint {s.folder}")
@@ -210,6 +210,7 @@ def resume_config(cls, given: dict) -> RunConfig:
     """The saved configuration of the run in --resume; a flag that would change the result
     is refused (a resumed run equals an uninterrupted one)."""
     folder = given["resume"]
+    check_kind("--resume", folder, "run")
     changed = sorted(set(given) - set(HARMLESS_ON_RESUME))
     if changed:
         raise ConfigError(f"--resume continues {folder} with its saved configuration; these "
@@ -233,6 +234,7 @@ def saved_script(saved: dict) -> str:
 def load_saved(path: str, script: str | None = None) -> dict:
     """A best.pt of `script` (None: of either script); another script's checkpoint is
     refused by name."""
+    check_kind("--load", path, "model")
     saved = load_checkpoint(path, SAVED_KEYS)
     found = saved_script(saved)
     if found != script and (script is not None or found not in ("classifier", "multitask")):

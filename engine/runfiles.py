@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from typing import Any, Callable
 
@@ -131,5 +132,13 @@ def start_run_dir(run_dir: str, config: dict) -> None:
     if found:
         raise ConfigError(f"--run_dir {run_dir} already holds a run ({', '.join(found)}); "
                           "choose another folder or remove it")
-    os.makedirs(run_dir, exist_ok=True)
-    write_json(os.path.join(run_dir, CONFIG_FILE), config)
+    made = not os.path.exists(run_dir)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(os.path.join(run_dir, CONFIG_FILE), config)
+    except OSError as err:  # a read-only parent, a file in the way, a full disk
+        if made:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        where = f": {err.filename}" if err.filename else ""
+        raise ConfigError(f"--run_dir {run_dir}: cannot create the folder "
+                          f"({err.strerror}{where})") from None
