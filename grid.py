@@ -15,6 +15,7 @@ and run again from scratch (unless a process is using it: each run locks its fol
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -22,10 +23,10 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import report
-from engine.cli import build_parser, parse_config, run_cli
+from engine.cli import SEED_RANGE, build_parser, check_ranges, parse_config, run_cli
 from engine.configs import DATA_DIR_ENV, MultitaskConfig, default_data_dir
 from engine.errors import ConfigError, UserError
 from analysis.results import config_name, config_slug, settings
@@ -74,6 +75,17 @@ class GridOptions:
     print_commands: bool = field(default=False, metadata={
         "help": "print one trainer command per run still to do (resumes as --resume DIR), "
                 "run nothing; then python report.py RUNS_DIR"})
+    INT_RANGES: ClassVar[dict] = {"epochs": (1, None), "subsample": (0, None), "jobs": (1, None)}
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        for name in ("finetune_lr", "pretrain_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name} must be a finite number >= 0 (0: the trainer's "
+                                  f"default), got {value}")
+        parse_seeds(self.seeds)
+        check_extra(self.extra)
 
 
 def parse_options(argv: Sequence[str] | None = None) -> GridOptions:
@@ -94,7 +106,43 @@ def split_list(text: str, sep: str = r"[,\n]") -> list[str]:
 
 
 def parse_seeds(text: str) -> list[int]:
-    return [int(s) for s in split_list(text, r"[,\s]+")]
+    seeds = []
+    for item in split_list(text, r"[,\s]+"):
+        try:
+            seeds.append(int(item))
+        except ValueError:
+            raise ConfigError(f"--seeds: {item!r} is not an integer") from None
+        if not SEED_RANGE[0] <= seeds[-1] < SEED_RANGE[1]:
+            raise ConfigError(f"--seeds: {item} is outside [{SEED_RANGE[0]}, {SEED_RANGE[1]})")
+    return seeds
+
+
+# Every trainer flag trainer_argv passes, for some row or option, and the grid option
+# that sets it: --extra setting one would run every row, or every seed, the same.
+GRID_FLAGS = {"seed": "--seeds", "run_dir": "--runs_dir", "epochs": "--epochs",
+              "data_dir": "--data_dir", "subsample": "--subsample", "checkpoint": "--checkpoint",
+              "aux": "--aux", "lr": "--finetune_lr or --pretrain_lr",
+              **{name: "--rows" for name in ("option", "mode", "pcgrad", "aggregator", "balance",
+                                             "hidden_dropout_prob", "weight_sst", "weight_quora",
+                                             "weight_sts")}}
+# Flags that would make a grid run anything but a new training run in its own folder.
+NOT_A_NEW_RUN = ("resume", "eval_only", "load")
+
+
+def check_extra(extra: str) -> None:
+    """--extra may add trainer flags, never set the ones grid sets itself."""
+    try:
+        words = shlex.split(extra)
+    except ValueError as err:
+        raise ConfigError(f"--extra {extra!r}: {err}") from None
+    for word in words:
+        name = word[2:].split("=", 1)[0].removeprefix("no-") if word.startswith("--") else ""
+        if name in GRID_FLAGS:
+            raise ConfigError(f"--extra sets --{name}, which grid sets itself for every run "
+                              f"(use {GRID_FLAGS[name]})")
+        if name in NOT_A_NEW_RUN:
+            raise ConfigError(f"--extra sets --{name}: each grid run is a new training run "
+                              "in its own folder")
 
 
 def data_dir(opts: GridOptions) -> str:
@@ -371,15 +419,14 @@ def run_parallel(todo: list[Job], jobs: int, gpus: list[str]) -> list[Job]:
 def run_grid(opts: GridOptions, runner: Runner | None = None) -> dict:
     """Runs what is missing, then writes RUNS_DIR/report; returns report.write_report's dict
     (with "failed": the runs of a parallel grid that failed, each with its log)."""
-    if opts.jobs < 1:
-        raise ConfigError("--jobs must be at least 1")
     todo = plan(opts)
     if opts.jobs == 1:
         failed = run_in_process(todo, runner or default_runner())
     else:
         gpus = visible_gpus(opts.gpus)
         failed = run_parallel(todo, opts.jobs, gpus if opts.gpus or len(gpus) > 1 else [])
-    result = report.write_report(opts.runs_dir, os.path.join(opts.runs_dir, "report"))
+    result = report.write_report(opts.runs_dir, os.path.join(opts.runs_dir, "report"),
+                                 allow_empty=bool(failed))  # the failures say why
     result["failed"] = [{"run_dir": j.run_dir, "log": j.log} for j in failed]
     return result
 

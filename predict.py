@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
 import classifier
 import multitask_classifier
 from engine import run
-from engine.cli import parse_config, run_cli
+from engine.cli import check_ranges, parse_config, run_cli
 from datasets import Example, make_loader
 from engine.errors import CheckpointError, ConfigError, DataError
+from engine.paths import check_kind
 from evaluation import format_prediction
 from engine.runfiles import STDIN, atomic_write, check_output, check_output_file, read_lines
 from engine.specs import SPECS
@@ -50,11 +51,13 @@ class PredictConfig:
         "help": "bf16: bfloat16 autocast; auto: bf16 where the hardware computes it natively",
         "choices": ["fp32", "bf16", "auto"]})
 
+    INT_RANGES: ClassVar[dict] = {"batch_size": (1, None)}
+
     def __post_init__(self) -> None:
         if not self.load:
             raise ConfigError("--load CHECKPOINT is required")
-        if self.batch_size <= 0:
-            raise ConfigError(f"--batch_size must be positive, got {self.batch_size}")
+        check_ranges(self)
+        check_kind("--input", self.input, "file")
 
 
 def load_trained(path: str, device: torch.device, precision: str = "fp32", checkpoint: str = ""

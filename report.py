@@ -103,14 +103,18 @@ def mixed_settings(groups: dict[str, list[Run]]) -> list[str]:
 
 # --- entry points -----------------------------------------------------------------------
 
-def write_report(root: str, out: str | None = None) -> dict:
-    """Table and figures for every run below `root`; returns the markdown and the files."""
+def write_report(root: str, out: str | None = None, allow_empty: bool = False) -> dict:
+    """Table and figures for every run below `root`; returns the markdown and the files.
+    Every run is read before the output folder is made: a bad one leaves no folder.
+    No run below `root` is a ResultsError, unless `allow_empty` (a grid whose runs failed)."""
     out = out or os.path.join(root, "report")
     check_output("--out", out, (root,))
+    runs = find_runs(root)
+    if not runs and not allow_empty:
+        raise ResultsError(f"{root}: no run folders ({CONFIG_FILE} + {METRICS_FILE}) below it")
+    check_finished(runs, root)
+    groups = group_runs(runs)
     os.makedirs(out, exist_ok=True)
-    groups = group_runs(find_runs(root))
-    if not groups:
-        print(f"no run folders ({CONFIG_FILE} + {METRICS_FILE}) found below {root}")
     for note in mixed_settings(groups):
         print(note)
     rows = table_rows(groups)
@@ -122,6 +126,18 @@ def write_report(root: str, out: str | None = None) -> dict:
     comparison = compare(groups)
     files += write_comparison(comparison, out)
     return {"table_md": markdown, "rows": rows, "files": files, "comparison": comparison}
+
+
+def check_finished(runs: list[Run], root: str) -> None:
+    """Runs without a finished epoch have no scores: named on stderr (a run that diverged
+    keeps its row); if no run has one and none diverged, there is nothing to report."""
+    empty = [run for run in runs if not run.epochs]
+    if not empty:
+        return
+    names = ", ".join(run.path + (" (diverged)" if run.diverged else "") for run in empty)
+    if len(empty) == len(runs) and not any(run.diverged for run in runs):
+        raise ResultsError(f"no finished epoch in any run below {root}: {names}")
+    print(f"warning: no finished epoch in {names}", file=sys.stderr)
 
 
 COMPARISON_FILES = ("comparison.md", "comparison.json", "comparison.png")

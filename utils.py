@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from engine.errors import CheckpointError
+from engine.paths import is_resume_state, resume_state
 from engine.runfiles import atomic_write
 
 LOG = logging.getLogger("minbert")
@@ -32,6 +33,8 @@ def load_checkpoint(path: str, required: tuple[str, ...] = (), mmap: bool = Fals
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated, or not written "
                               f"by this tool? {type(err).__name__})") from None
     missing = [key for key in required if not isinstance(saved, dict) or key not in saved]
+    if missing and is_resume_state(saved):  # a run's last.pt, under any name
+        raise CheckpointError(resume_state(path))
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint of this tool (no {', '.join(missing)})")
     return saved

@@ -13,8 +13,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from engine.runfiles import CONFIG_FILE, DIVERGED_FILE, METRICS_FILE, SUMMARY_FILE, read_json, read_jsonl
 from engine.configs import MultitaskConfig
+from engine.runfiles import (CONFIG_FILE, DIVERGED_FILE, METRICS_FILE, SUMMARY_FILE, ResultsError,
+                             read_json, read_jsonl)
 from engine.specs import SPECS, TASK_NAMES
 
 METRICS = TASK_NAMES + ("overall",)
@@ -127,8 +128,18 @@ def _read_json(path: str) -> dict | None:
 
 def read_metrics(path: str) -> list[dict]:
     """Epoch records, in epoch order. metrics.jsonl is written atomically, so a line that
-    does not parse is corruption: runfiles.ResultsError names the file and line."""
-    return sorted(read_jsonl(path), key=lambda r: r.get("epoch", 0))
+    does not parse, or an epoch recorded twice (two runs in one folder), is corruption:
+    runfiles.ResultsError names the file and line."""
+    records, lines = read_jsonl(path), {}
+    for number, record in enumerate(records, 1):
+        epoch = record.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            raise ResultsError(f"{path}, line {number}: no epoch number")
+        if epoch in lines:
+            raise ResultsError(f"{path}, line {number}: epoch {epoch} again (first on line "
+                               f"{lines[epoch]}); a run folder holds one run")
+        lines[epoch] = number
+    return sorted(records, key=lambda r: r["epoch"])
 
 
 def load_run(path: str) -> Run:

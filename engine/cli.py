@@ -13,7 +13,8 @@ import sys
 from dataclasses import fields
 from typing import Any, Callable, Sequence, Type, TypeVar, get_args, get_origin
 
-from engine.errors import ConfigError, Interrupted, UserError
+from engine.errors import ConfigError, Interrupted, ReportedElsewhere, UserError
+from engine.paths import check_kind
 
 T = TypeVar("T")
 
@@ -59,18 +60,27 @@ def parse_config(cls: Type[T], argv: Sequence[str] | None = None, description: s
     dropped), the flags given beside it winning."""
     args = vars(build_parser(cls, description).parse_args(argv))
     if args.get("config"):
-        args = {**args, **read_config_file(cls, args["config"]),
-                **explicit_options(cls, argv), "config": args["config"]}
+        given = explicit_options(cls, argv)
+        args = {**args, **read_config_file(cls, args["config"], given),
+                **given, "config": args["config"]}
     return cls(**args)
 
 
 # Never taken from a config file: a new run gets a new folder, and records its own --config.
 NOT_FROM_FILE = ("run_dir", "config")
+# Written by a run into its config.json beside its options (engine/run._train).
+RUN_KEYS = ("world_size",)
+# What a seed may be: numpy takes seeds in [0, 2**32).
+SEED_RANGE = (0, 2 ** 32)
+KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-def read_config_file(cls: Type[T], path: str) -> dict[str, Any]:
-    """The settings of a run's config.json that `cls` knows. The file must be a config of
-    this script: it holds one of the fields `cls` adds to the config it extends."""
+def read_config_file(cls: Type[T], path: str, given: dict | None = None) -> dict[str, Any]:
+    """The settings of a run's config.json, each checked as its flag would be (type,
+    choices; an unknown key or a null is an error). The file must be a config of this
+    script: it holds one of the fields `cls` adds to the config it extends. `given`: the
+    flags given beside --config."""
+    check_kind("--config", path, "file")
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
@@ -86,7 +96,74 @@ def read_config_file(cls: Type[T], path: str) -> dict[str, Any]:
     if not isinstance(saved, dict) or not own & saved.keys():
         raise ConfigError(f"--config {path}: not a config of this script (a run's config.json "
                           f"holds some of {', '.join(sorted(own)[:4])}, ...)")
+    unknown = sorted(saved.keys() - known - set(RUN_KEYS))
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown key {', '.join(map(json.dumps, unknown))} "
+                          "(not an option of this script)")
+    for f in fields(cls):
+        if f.name in saved:
+            check_file_value(f, saved[f.name], path)
+    check_world_size(cls, path, saved, given or {})
     return {k: v for k, v in saved.items() if k in known and k not in NOT_FROM_FILE}
+
+
+def check_file_value(f: dataclasses.Field, value: Any, path: str) -> None:
+    """A config file's value as argparse would take the flag's: of its type (an int for a
+    float is fine, a bool must be true or false), one of its choices, never null."""
+    kind = _arg_type(f.type)
+    where = f'--config {path}: "{f.name}"'
+    if value is None:
+        if "None" not in str(f.type):
+            raise ConfigError(f"{where} is null; give {KIND_NAMES.get(kind, kind.__name__)} "
+                              "or leave the key out")
+        return
+    fits = (isinstance(value, bool) if kind is bool else not isinstance(value, bool) and
+            isinstance(value, (int, float) if kind is float else kind))
+    if not fits:
+        raise ConfigError(f"{where} must be {KIND_NAMES.get(kind, kind.__name__)}, "
+                          f"got {json.dumps(value)}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}, "
+                          f"got {json.dumps(value)}")
+
+
+def check_world_size(cls: Type[T], path: str, saved: dict, given: dict) -> None:
+    """A config of a run on N processes, used on M: the global batch is batch size x
+    grad_accumulation x processes, so it would change without a word. Refused unless the
+    flags beside --config choose it: --grad_accumulation, or every batch size."""
+    if "world_size" not in saved:
+        return
+    old = saved["world_size"]
+    if not isinstance(old, int) or isinstance(old, bool) or old < 1:
+        raise ConfigError(f'--config {path}: "world_size" must be a positive integer, '
+                          f"got {json.dumps(old)}")
+    new = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, as engine/distributed reads it
+    sizes = [f.name for f in fields(cls) if f.name.startswith("batch_size")]
+    if old == new or "grad_accumulation" in given or (sizes and set(sizes) <= given.keys()):
+        return
+    factor = old * saved.get("grad_accumulation", 1)
+    keep = f"pass --grad_accumulation {factor // new} to keep it, or " if factor % new == 0 else ""
+    raise ConfigError(f"--config {path}: a run on {old} processes, this one has {new}: the "
+                      "global batch (batch size x grad_accumulation x processes) would change; "
+                      f"{keep}give --grad_accumulation or every batch size "
+                      f"({', '.join('--' + s for s in sizes)}) to choose it")
+
+
+def check_ranges(cfg: Any) -> None:
+    """Every int option of `cfg` within the [low, high) its class gives in INT_RANGES
+    (high None: no upper bound). An int option without a range is a programming error."""
+    for f in fields(cfg):
+        if _arg_type(f.type) is not int:
+            continue
+        if f.name not in type(cfg).INT_RANGES:
+            raise TypeError(f"{type(cfg).__name__}.{f.name}: an int option without INT_RANGES")
+        low, high = type(cfg).INT_RANGES[f.name]
+        value = getattr(cfg, f.name)
+        if value < low or (high is not None and value >= high):
+            bound = (f"an integer in [{low}, {high})" if high is not None else
+                     {0: "0 or positive", 1: "positive"}.get(low, f"at least {low}"))
+            raise ConfigError(f"--{f.name} must be {bound}, got {value}")
 
 
 def explicit_options(cls: Type[T], argv: Sequence[str] | None) -> dict[str, Any]:
@@ -105,7 +182,8 @@ def run_cli(main: Callable[[], Any]) -> int:
         try:
             main()
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+            if not isinstance(err, ReportedElsewhere):
+                print(f"error: {err}", file=sys.stderr)
             return 2
         except Interrupted as stop:
             if int(os.environ.get("RANK", "0")) == 0:  # every process stopped at the same step

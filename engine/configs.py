@@ -9,9 +9,11 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
+from engine.cli import SEED_RANGE, check_ranges
 from engine.errors import ConfigError
 from engine.names import (AGGREGATORS, BALANCERS, ENCODINGS, MODES, OPTIONS, PCGRAD_REDUCTIONS,
                           POOLINGS, PRECISIONS, SCHEDULERS)
+from engine.paths import check_kind
 from engine.specs import AUX, CLASSIFIER_TASKS, TASK_NAMES, canonical_tasks
 
 DATA_DIR_ENV = "MINBERT_DATA_DIR"
@@ -98,6 +100,10 @@ class RunConfig:
     # Stored resolved, so that --resume, --config, --eval_only, predict.py and export.py
     # read a run's files from any folder.
     paths: ClassVar[tuple[str, ...]] = ("checkpoint", "data_dir")
+    # [low, high) of every int option (high None: no bound), checked by cli.check_ranges
+    INT_RANGES: ClassVar[dict] = {"epochs": (1, None), "seed": SEED_RANGE, "max_length": (4, None),
+                                  "grad_accumulation": (1, None), "save_every_steps": (0, None),
+                                  "log_every_steps": (0, None)}
 
     def __post_init__(self) -> None:
         for name in self.paths:
@@ -110,15 +116,7 @@ class RunConfig:
         self.check_number("weight_decay", self.weight_decay, low=0.0)
         self.check_number("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
         self.check_number("hidden_dropout_prob", self.hidden_dropout_prob, low=0.0, high=1.0)
-        if self.epochs <= 0:
-            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
-        if self.grad_accumulation < 1:
-            raise ConfigError(f"--grad_accumulation must be at least 1, got {self.grad_accumulation}")
-        if self.save_every_steps < 0:
-            raise ConfigError(f"--save_every_steps must be 0 or positive, got {self.save_every_steps}")
-        if self.max_length < 4:
-            raise ConfigError(f"--max_length must be at least 4 ([CLS] a [SEP] b [SEP] "
-                              f"needs them), got {self.max_length}")
+        check_ranges(self)  # max_length >= 4: [CLS] a [SEP] b [SEP]
 
     @staticmethod
     def check_number(name: str, value: float, low: float, high: float = math.inf,
@@ -196,8 +194,14 @@ class MultitaskConfig(RunConfig):
         "evaluate and predict from --load (its saved config wins over training flags)"))
     load: str = field(default="", metadata=_help("a best.pt checkpoint, for --eval_only"))
 
+    INT_RANGES: ClassVar[dict] = {
+        **RunConfig.INT_RANGES, "subsample": (0, None), "grad_diagnostics_every": (1, None),
+        **{f"batch_size_{name}": (1, None) for name in TASK_NAMES + (AUX.name,)}}
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_number("cagrad_c", self.cagrad_c, low=0.0)
+        check_kind("--aux", self.aux, "file")
         if self.pcgrad and self.aggregator not in ("sum", "pcgrad"):
             raise ConfigError(f"--pcgrad is --aggregator pcgrad; it contradicts --aggregator {self.aggregator}")
         if self.pcgrad or self.aggregator == "pcgrad":
@@ -216,13 +220,7 @@ class MultitaskConfig(RunConfig):
             raise ConfigError(f"--seq_order must name {', '.join(TASK_NAMES)} once each, "
                               f"got {self.seq_order!r}")
         for name in self.all_task_names:
-            if self.batch_size(name) <= 0:
-                raise ConfigError(f"--batch_size_{name} must be positive, got {self.batch_size(name)}")
             self.check_number(f"weight_{name}", self.weight(name), low=0.0)
-        if self.grad_diagnostics_every <= 0:
-            raise ConfigError(f"--grad_diagnostics_every must be positive, got {self.grad_diagnostics_every}")
-        if self.subsample < 0:
-            raise ConfigError(f"--subsample must be 0 (all) or positive, got {self.subsample}")
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -264,11 +262,7 @@ class ClassifierConfig(RunConfig):
         "help": "pretrain: encoder frozen; finetune: everything trains",
         "choices": list(OPTIONS)})
     batch_size: int = 8
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.batch_size <= 0:
-            raise ConfigError(f"--batch_size must be positive, got {self.batch_size}")
+    INT_RANGES: ClassVar[dict] = {**RunConfig.INT_RANGES, "batch_size": (1, None)}
 
     def run_name(self) -> str:
         return f"{self.option}-{self.task}"

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as torch_dist
 
+from engine.errors import ReportedElsewhere, UserError
 
 
 # --- process group -------------------------------------------------------------------------
@@ -77,6 +78,23 @@ def broadcast_object(value):
     box = [value]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(dist: Dist, fn: Callable[..., Any], *args) -> None:
+    """fn(*args) on rank 0 only (a write into the run folder); a UserError it raises stops
+    every rank at once (rank 0 names it, the others exit quietly), so that no rank waits at
+    a barrier for a process that has gone."""
+    error = None
+    if dist.is_main:
+        try:
+            fn(*args)
+        except UserError as err:
+            error = err
+    message = broadcast_object(None if error is None else str(error))  # also a barrier
+    if error is not None:
+        raise error
+    if message is not None:
+        raise ReportedElsewhere(message)
 
 
 def shutdown() -> None:

@@ -22,6 +22,11 @@ class CheckpointError(UserError):
     """A checkpoint folder, weight file or saved run that does not fit."""
 
 
+class ReportedElsewhere(UserError):
+    """Rank 0's error, raised on the other ranks too so that every process stops at once;
+    rank 0 prints it, the others exit quietly (cli.run_cli)."""
+
+
 class Interrupted(Exception):
     """A run stopped by SIGINT/SIGTERM after saving its state; exits 128 + the signal."""
 

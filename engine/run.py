@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -17,13 +17,15 @@ from bert import BertModel
 from config import BertConfig
 from engine.build import build_parts
 from engine.configs import RunConfig
-from engine.distributed import Dist, broadcast_object, init_distributed, shutdown
-from engine.errors import CheckpointError, ConfigError
+from engine.distributed import Dist, broadcast_object, init_distributed, on_main, shutdown
+from engine.errors import CheckpointError, ConfigError, ReportedElsewhere, UserError
 from engine.fingerprint import FINGERPRINT, check_unchanged, fingerprint
 from engine.heads import MultitaskBERT
+from engine.paths import check_kind
 from engine.precision import Precision
 from engine.runfiles import CONFIG_FILE, LAST_FILE, SUMMARY_FILE, check_output, read_json
 from engine.runlock import claim_run_dir, claim_training_dir
+from engine.steplog import require_tensorboard
 from engine.tasks import SPLITS, Task
 from engine.trainer import Trainer
 from evaluation import Predictions, dev_scores, predict_all
@@ -81,20 +83,23 @@ def train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str,
 
 def _train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str, dist: Dist,
            log: Callable[[str], None]) -> tuple[str, dict, list[Task]]:
+    if cfg.tensorboard:  # before the run folder: a refused run leaves none
+        on_main(dist, require_tensorboard)
     s = setup(cfg, dist)
     if dist.rank > 0:  # the same weights everywhere (DDP broadcasts them); other dropout draws
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
     tasks = make_tasks(cfg, s.tokenizer, s.encoder.config, SPLITS)
     parts = build_parts(cfg, build_model(cfg, s.encoder, tasks, s.device), tasks, dist)
+    if cfg.tensorboard:  # before the run folder: a refused run leaves none
+        on_main(dist, require_tensorboard)
     # Only rank 0 makes, locks (for the run's whole life) and writes the folder.
     saved_config = {**cfg.as_dict(), "world_size": dist.world_size}  # config.json
     claim = claim_training_dir(
         cfg.resume, cfg.run_dir, os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"),
         saved_config,
         reads=(s.folder, cfg.data_dir, cfg.config, getattr(cfg, "aux", ""))
-    ) if dist.is_main else nullcontext("")
-    with claim as run_dir:
-        run_dir = broadcast_object(run_dir)  # the folder rank 0 claimed
+    ) if dist.is_main else None
+    with claimed(dist, claim) as run_dir:
         log(f"{'resuming ' if cfg.resume else ''}{name} on {s.device}{parts.precision.describe()}"
             f"{f' x {dist.world_size} processes' if dist.enabled else ''}: checkpoint {s.folder}")
         for task in tasks:
@@ -105,6 +110,24 @@ def _train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str, dist: 
                  FINGERPRINT: fingerprint(saved_config, {t.name: t.train_file for t in tasks})}
         summary = Trainer(parts, cfg, dist, run_dir, extra, log).fit(resume=bool(cfg.resume))
     return run_dir, summary, tasks
+
+
+@contextmanager
+def claimed(dist: Dist, claim) -> Iterator[str]:
+    """Rank 0 enters `claim` (the run folder, made and locked); every rank gets its name.
+    A refusal there stops every rank at once: rank 0 names it, the others exit quietly."""
+    with ExitStack() as stack:
+        run_dir, message = "", None
+        if dist.is_main:
+            try:
+                run_dir = stack.enter_context(claim)
+            except UserError as err:
+                message = str(err)
+                error = err
+        run_dir, message = broadcast_object((run_dir, message))
+        if message is not None:
+            raise (error if dist.is_main else ReportedElsewhere(message))
+        yield run_dir
 
 
 def global_batch(batch_size: int, cfg: RunConfig, dist: Dist) -> str:
@@ -124,6 +147,7 @@ def resume_config(cls, given: dict, script: str) -> RunConfig:
     is refused (a resumed run equals an uninterrupted one), and so is a run of another
     script, or one whose config.json or training files changed since its last save."""
     folder = given["resume"]
+    check_kind("--resume", folder, "run")
     changed = sorted(set(given) - set(HARMLESS_ON_RESUME))
     if changed:
         raise ConfigError(f"--resume continues {folder} with its saved configuration; these "
@@ -157,6 +181,7 @@ def saved_script(saved: dict) -> str:
 def load_saved(path: str, script: str | None = None) -> dict:
     """A best.pt of `script` (None: of either script); another script's checkpoint is
     refused by name."""
+    check_kind("--load", path, "model")
     saved = load_checkpoint(path, SAVED_KEYS)
     found = saved_script(saved)
     if found != script and (script is not None or found not in ("classifier", "multitask")):

@@ -185,7 +185,11 @@ def start_run_dir(run_dir: str, config: dict, reads: Iterable[str] = ()) -> None
     whose run stopped before its first save is started afresh (its logs removed)."""
     check_output("--run_dir", run_dir, reads)
     remove_stale_logs(run_dir)
-    write_json(os.path.join(run_dir, CONFIG_FILE), config)
+    try:
+        write_json(os.path.join(run_dir, CONFIG_FILE), config)
+    except OSError as err:  # a read-only folder, a full disk
+        raise ConfigError(f"--run_dir {run_dir}: cannot write {CONFIG_FILE} "
+                          f"({err.strerror})") from None
 
 
 def remove_stale_logs(run_dir: str) -> None:

@@ -42,14 +42,19 @@ def claim_run_dir(flag: str, folder: str, default: str,
     (made if missing), else `default`, or `default`-2, -3, ... when it exists (os.mkdir
     fails on an existing folder: two runs started in one second never share one).
     `start(folder)` runs under the lock: a second process cannot pass its checks meanwhile."""
-    if folder:
-        if os.path.exists(folder) and not os.path.isdir(folder):
-            raise ConfigError(f"{flag} {folder}: exists and is not a folder")
-        os.makedirs(folder, exist_ok=True)
-    else:
-        os.makedirs(os.path.dirname(os.path.abspath(default)), exist_ok=True)
-        folder = next(path for path in itertools.chain(
-            [default], (f"{default}-{n}" for n in itertools.count(2))) if _made(path))
+    if folder and os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"{flag} {folder}: exists and is not a folder")
+    try:
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(default)), exist_ok=True)
+            folder = next(path for path in itertools.chain(
+                [default], (f"{default}-{n}" for n in itertools.count(2))) if _made(path))
+    except OSError as err:  # a read-only parent, a file in the way, a full disk
+        where = f": {err.filename}" if err.filename else ""
+        raise ConfigError(f"{flag} {folder or default}: cannot create the folder "
+                          f"({err.strerror}{where})") from None
     with run_lock(folder, flag):
         start(folder)
         yield folder

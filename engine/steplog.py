@@ -63,10 +63,15 @@ class StepLog:
             self.writer.flush()
 
 
-def open_tensorboard(run_dir: str):
+def require_tensorboard():
+    """The SummaryWriter class; checked before the run folder is made (engine/run._train)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ConfigError("--tensorboard needs the tensorboard package: pip install -c "
                           "requirements.txt -r requirements-extras.txt") from None
-    return SummaryWriter(os.path.join(run_dir, TENSORBOARD_DIR))
+    return SummaryWriter
+
+
+def open_tensorboard(run_dir: str):
+    return require_tensorboard()(os.path.join(run_dir, TENSORBOARD_DIR))

@@ -114,8 +114,8 @@ def main() -> None:
         digests[name] = digest_tree(folder)
     grid = os.path.join(WORK, "grid")
     run(["grid.py", "--rows", "finetune-mix-0.3,finetune-mix-pcgrad-0.3", "--epochs", "1",
-         "--runs_dir", grid, "--data_dir", data, "--checkpoint", ckpt,
-         "--extra=--no-progress --lr 1e-3 --max_length 32"], ckpt, data, None)
+         "--runs_dir", grid, "--data_dir", data, "--checkpoint", ckpt, "--finetune_lr", "1e-3",
+         "--extra=--no-progress --max_length 32"], ckpt, data, None)
     digests["grid"] = digest_tree(grid)
     export = os.path.join(WORK, "export")
     run(["export.py", "--load", os.path.join(WORK, "runs", "mix", "best.pt"), "--out", export],

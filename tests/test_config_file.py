@@ -36,7 +36,7 @@ def test_a_run_from_another_runs_config_keeps_its_settings_but_the_flags_given(
 def test_the_config_file_gives_no_run_dir(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"task": "cfimdb", "run_dir": "runs/old", "epochs": 7,
-                                "from_a_later_version": 1}))
+                                "world_size": 1}))  # a key the run wrote beside its options
     cfg = parse_config(classifier.ClassifierConfig, ["--config", str(path), "--seed", "3"])
     assert (cfg.task, cfg.epochs, cfg.seed, cfg.run_dir) == ("cfimdb", 7, 3, "")
 

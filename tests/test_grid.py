@@ -162,7 +162,7 @@ def test_finished_run_with_other_settings_is_an_error(tmp_path):
     # Not only the row, seed and budget: every setting of the run counts.
     for extra, what in ((["--pretrain_lr", "0.01"], "lr: 0.001 there, 0.01 now"),
                         (["--extra=--head_lr 0.5"], "head_lr"),
-                        (["--extra=--weight_sts 2"], "weight_sts"),
+                        (["--extra=--weight_decay 0.1"], "weight_decay: 0.0 there, 0.1 now"),
                         (["--data_dir", "elsewhere"], "data_dir"),
                         (["--checkpoint", "other"], "checkpoint: '' there, '/\\S*/other' now")):
         with pytest.raises(ConfigError, match=what):
