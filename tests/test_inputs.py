@@ -45,7 +45,7 @@ PREDICT_CASES = [
     ("input file not UTF-8", {"in.txt": b"ok\r\nok\r\n\xe9t\xe9\r\n"}, ["--input", "{tmp}/in.txt"],
      b"", 2, "error: {tmp}/in.txt, line 3: not UTF-8 text (invalid continuation byte)\n"),
     ("input a folder", {"d/": b""}, ["--input", "{tmp}/d"], b"", 2,
-     "error: {tmp}/d: is a folder, not a file\n"),
+     "error: --input {tmp}/d: a folder, not a file\n"),
     ("input missing", {}, ["--input", "{tmp}/nothere.txt"], b"", 2,
      "error: {tmp}/nothere.txt: file not found\n"),
     ("output a folder", {"d/": b""}, ["--output", "{tmp}/d"], GOOD, 2,
