@@ -1,12 +1,17 @@
 """Encoder throughput benchmark: padded tokens/s for training (forward + backward, and with
 the AdamW step) and for inference, on the packaged checkpoint at batch 32 x length 64 with
 random real lengths. `--compare_hf` times transformers' BertModel on the same batches (if
-transformers is installed) and prints our/their ratios.
+transformers is installed) and prints our/their ratios. Then what bounds it on this machine
+(bench/limits.py): the GEMM FLOPs of a step on the real and the padded tokens, AdamW's
+memory traffic, the measured torch.mm rate at 2048^3 and at the step's shapes, and the
+fraction of that peak each measurement reaches.
 
     python -m bench.encoder [--checkpoint DIR] [--batch_size 32] [--seq_len 64] [--steps 10]
+        [--threads N] [--compare_hf] [--bf16]
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -14,7 +19,10 @@ from typing import Callable
 import torch
 
 from base_bert import default_checkpoint_path, from_pretrained
-from engine.cli import parse_config
+from bench.limits import (adamw_line, flops_line, fraction_line, linear_shapes, machine_header,
+                          measure_peaks, peak_for, peak_lines, read_cpu, set_threads,
+                          step_flops, updated_elements)
+from engine.cli import parse_config, run_cli
 from optimizer import AdamW
 from utils import choose_device
 
@@ -102,14 +110,14 @@ def hf_model(folder: str) -> torch.nn.Module | None:
 
 def main() -> None:
     cfg = parse_config(BenchConfig, description=__doc__)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     folder = cfg.checkpoint or default_checkpoint_path()
     device = choose_device(cfg.use_gpu)
     ours = from_pretrained(folder).to(device)
     batch = {k: v.to(device) for k, v in random_batch(cfg, ours.config.vocab_size).items()}
     real = int(batch["attention_mask"].sum())
+    print(machine_header(device))
     print(f"checkpoint {folder}\nbatch {cfg.batch_size} x {cfg.seq_len} "
           f"({real / batch['attention_mask'].numel():.0%} real tokens), "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}, "
@@ -130,7 +138,35 @@ def main() -> None:
         if name != "ours":
             print(f"  {name}/ours: " + ", ".join(
                 f"{k} {results[name][k] / results['ours'][k]:.2f}x" for k in results["ours"]))
+    print_limits(ours, batch["attention_mask"], results, device)
+
+
+def print_limits(model, mask: torch.Tensor, results: dict, device: torch.device) -> None:
+    """FLOPs and bytes of a step, the machine's measured peaks and the fraction of them
+    each measurement reached (its time per step from its padded tokens/s)."""
+    config, padded_tokens = model.config, mask.numel()
+    train, infer = step_flops(config, [mask]), step_flops(config, [mask], passes=1)
+    print("Limits (bench/limits.py):")
+    print(flops_line(train))
+    print(flops_line(infer, "inference: forward"))
+    shapes = [("batch (padded)", shape) for shape in linear_shapes(config, padded_tokens)]
+    shapes += [("batch packed (real)", shape) for shape in linear_shapes(config, train.real_tokens)]
+    peaks = measure_peaks(shapes, device, read_cpu())
+    print("\n".join(peak_lines(peaks)))
+    for name, res in results.items():
+        peak, peak_name = peak_for(peaks, "bf16" if name.endswith("bf16") else "fp32")
+        for key, tokens_per_second in res.items():
+            flops = infer if key == "inference" else train  # AdamW: bytes, not FLOPs
+            print(fraction_line(f"{name} {key}", flops, padded_tokens / tokens_per_second,
+                                peak, peak_name))
+    ours = results["ours"]
+    # AdamW's time by difference: the same steps with and without it
+    adamw = padded_tokens / ours["fwd+bwd+AdamW"] - padded_tokens / ours["fwd+bwd"]
+    note = " (its time: ours with and without it)" if adamw > 0 else \
+        "; with and without it, ours differ by no positive time (noise)"
+    print(adamw_line(updated_elements(model.parameters()), adamw if adamw > 0 else None,
+                     peaks.copy_gbps) + note)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

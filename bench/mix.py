@@ -2,19 +2,28 @@
 each, forward, backward, AdamW) on the packaged checkpoint, on the same real batches, in
 rounds: the plain step (losses summed), the plain step with the gradient
 diagnostics (the Gram matrix), every --aggregator and every --balance (on the sum).
-Prints ms/step and the ratio to the plain step.
+Prints ms/step and the ratio to the plain step; then what bounds the step on this machine
+(bench/limits.py): the encoder's GEMM FLOPs per step on the real and the padded tokens,
+AdamW's memory traffic, the measured torch.mm rate at 2048^3 and at the step's own shapes,
+the fraction of that peak the plain step reaches, and (bench/phases.py) each method's time
+per phase: forward, backward, gradient combination, optimizer, other.
 
     python -m bench.mix [--steps 8] [--rounds 3] [--data_dir data] [--precision bf16]
-        [--methods pcgrad,grad_norm]
+        [--methods pcgrad,grad_norm] [--threads N] [--phase_rounds 1]
 """
 from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
+from bench.limits import (StepFlops, adamw_line, flops_line, fraction_line, linear_shapes,
+                          machine_header, measure_peaks, peak_for, peak_lines, read_cpu,
+                          set_threads, step_flops, updated_elements)
+from bench.phases import PhaseClock, phase_lines
 from datasets import make_loader
 from engine import run
 from engine.aggregators import AGGREGATORS
@@ -44,6 +53,9 @@ class MixBenchConfig:
         "help": "bf16: time steps under bfloat16 autocast", "choices": ["fp32", "bf16", "auto"]})
     seed: int = 0
     use_gpu: bool = field(default=False, metadata={"help": "run on CUDA (when present)"})
+    threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
+    phase_rounds: int = field(default=1, metadata={
+        "help": "rounds of the pass timing each phase apart (0: skip it)"})
 
 
 def make_methods(shared: list, sparse_rows: list, num_tasks: int, chosen: str) -> dict:
@@ -65,16 +77,21 @@ def make_methods(shared: list, sparse_rows: list, num_tasks: int, chosen: str) -
     return methods
 
 
-def mix_step(model, tasks: list, batches: list, optimizer, combiner: Combiner | None) -> None:
-    """One finetune-mix step on one process, as the trainer takes it."""
+def mix_step(model, tasks: list, batches: list, optimizer, combiner: Combiner | None,
+             clock: PhaseClock | None = None) -> None:
+    """One finetune-mix step on one process, as the trainer takes it; `clock` times its phases."""
     device = next(model.parameters()).device
     ctx = make_context(model, tasks, Dist(0, 1, 0, device), model.precision, find_unused=False,
                        combined=combiner.params if combiner is not None else [])
-    train_step(ctx, tasks, [([b], len(b)) for b in batches], optimizer, combiner)
+    with clock.watch(ctx.local, optimizer, combiner) if clock else nullcontext():
+        train_step(ctx, tasks, [([b], len(b)) for b in batches], optimizer, combiner)
 
 
 def main() -> None:
     cfg = parse_config(MixBenchConfig, description=__doc__)
+    set_threads(cfg.threads)
+    if cfg.phase_rounds < 0:
+        raise ConfigError(f"--phase_rounds {cfg.phase_rounds}: must be >= 0")
     task_cfg = MultitaskConfig(data_dir=cfg.data_dir, checkpoint=cfg.checkpoint, seed=cfg.seed,
                                precision=cfg.precision, progress=False, use_gpu=cfg.use_gpu)
     s = run.setup(task_cfg)
@@ -90,19 +107,39 @@ def main() -> None:
     methods = make_methods(shared, [encoder.word_embedding.weight], len(tasks), cfg.methods)
     for surgery in methods.values():  # warm-up: each method's buffers and first allocations
         mix_step(model, tasks, steps[0], optimizer, surgery)
+    best = time_methods(model, tasks, steps[1:], optimizer, methods, cfg.rounds)
+    print(machine_header(s.device))
+    print_ratios(cfg, task_cfg, model, tasks, steps[1:], methods, best)
+    phases = {} if not cfg.phase_rounds else \
+        time_phases(model, tasks, steps[1:], optimizer, methods, cfg.phase_rounds)
+    print_limits(model, tasks, steps[1:], best[PLAIN], phases)
+    if phases:
+        print(f"Time per phase (bench/phases.py; a pass apart, best of {cfg.phase_rounds} "
+              f"round(s) per step), mean ms/step and share:")
+        print("\n".join(phase_lines(phases)))
+
+
+def time_methods(model, tasks: list, steps: list, optimizer, methods: dict, rounds: int) -> dict:
+    """Mean seconds per step of each method, the fastest round kept per batch."""
     # Each method runs each batch once a round, the methods in turn on the same batch, so
     # that drift on a shared machine hits all alike; per batch the fastest round is kept.
-    best = {name: [float("inf")] * cfg.steps for name in methods}
-    for _ in range(cfg.rounds):
-        for i, batches in enumerate(steps[1:]):
+    device = next(model.parameters()).device
+    best = {name: [float("inf")] * len(steps) for name in methods}
+    for _ in range(rounds):
+        for i, batches in enumerate(steps):
             for name, surgery in methods.items():
                 start = time.perf_counter()
                 mix_step(model, tasks, batches, optimizer, surgery)
-                if s.device.type == "cuda":
+                if device.type == "cuda":
                     torch.cuda.synchronize()
                 best[name][i] = min(best[name][i], time.perf_counter() - start)
-    best = {name: sum(times) / cfg.steps for name, times in best.items()}
-    tokens = sum(b.encoded.input_ids.numel() for batches in steps[1:] for b in batches) / cfg.steps
+    return {name: sum(times) / len(steps) for name, times in best.items()}
+
+
+def print_ratios(cfg: MixBenchConfig, task_cfg: MultitaskConfig, model, tasks: list, steps: list,
+                 methods: dict, best: dict) -> None:
+    """The ms/step and ratio table (other scripts and the READMEs quote its lines)."""
+    tokens = sum(b.encoded.input_ids.numel() for batches in steps for b in batches) / cfg.steps
     print(f"{len(tasks)} tasks ({', '.join(f'{t.name} batch {t.batch_size}' for t in tasks)}), "
           f"{tokens:.0f} padded tokens/step, {torch.get_num_threads()} threads, "
           f"{model.precision.name}, best of {cfg.rounds} rounds x {cfg.steps} steps")
@@ -119,6 +156,45 @@ def main() -> None:
     blocked, single = (best_time(fn, grads) for fn in (gram_matrix, lambda g: g @ g.T))
     print(f"Gram matrix of ({grads.shape[0]}, {grads.shape[1]:,}): blocked {1000 * blocked:.1f} ms, "
           f"one matmul {1000 * single:.1f} ms ({single / blocked:.1f}x)")
+
+
+def time_phases(model, tasks: list, steps: list, optimizer, methods: dict,
+                rounds: int) -> dict[str, dict[str, float]]:
+    """Per method, the mean seconds per step of each phase (bench/phases.py), on the same
+    batches; per batch the round with the fastest total is kept."""
+    clock = PhaseClock(next(model.parameters()).device)
+    best: dict = {name: [None] * len(steps) for name in methods}
+    for _ in range(rounds):
+        for i, batches in enumerate(steps):
+            for name, surgery in methods.items():
+                mix_step(model, tasks, batches, optimizer, surgery, clock)
+                spent = clock.take()
+                if best[name][i] is None or sum(spent.values()) < sum(best[name][i].values()):
+                    best[name][i] = spent
+    return {name: {phase: sum(s[phase] for s in per_step) / len(steps) for phase in per_step[0]}
+            for name, per_step in best.items()}
+
+
+def print_limits(model, tasks: list, steps: list, plain: float, phases: dict) -> None:
+    """FLOPs and bytes of the step, the machine's measured peaks, the fraction reached."""
+    config, count = model.encoder.config, len(steps)
+    per_step = [step_flops(config, [b.encoded.attention_mask for b in batches]) for batches in steps]
+    flops = StepFlops(*(round(sum(getattr(f, k) for f in per_step) / count) for k in
+                        ("real", "padded", "real_tokens", "padded_tokens")))
+    print(f"Limits of the step (bench/limits.py; means over the {count} steps' real batches):")
+    print(flops_line(flops))
+    rows = {t.name: round(sum(batches[k].encoded.attention_mask.numel() for batches in steps)
+                          / count) for k, t in enumerate(tasks)}
+    labelled = [(f"{name} batch (padded)", rows[name]) for name in rows]
+    labelled += [("all tasks packed (padded)", flops.padded_tokens),
+                 ("all tasks packed (real)", flops.real_tokens)]
+    shapes = [(label, shape) for label, n in labelled for shape in linear_shapes(config, n)]
+    peaks = measure_peaks(shapes, next(model.parameters()).device, read_cpu())
+    print("\n".join(peak_lines(peaks)))
+    peak, peak_name = peak_for(peaks, model.precision.name)
+    print(fraction_line(f"{PLAIN} step, {model.precision.name}", flops, plain, peak, peak_name))
+    seconds = phases[PLAIN]["optimizer"] if phases else None
+    print(adamw_line(updated_elements(model.parameters()), seconds, peaks.copy_gbps))
 
 
 def best_time(fn, *args, repeats: int = 10) -> float:

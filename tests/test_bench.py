@@ -1,0 +1,128 @@
+"""The benchmarks' shared pieces (bench/limits.py, bench/phases.py): the FLOP formula, the
+CPU description, the GEMM rate and the phase clock on the real train_step. Nothing here
+asserts a speed: the machine running the tests is not a quiet one."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.limits import (ADAMW_FUSED_ACCESSES, CpuInfo, adamw_bytes, copy_gbps, encoder_flops,
+                          gemm_gflops, layer_flops, parse_cpuinfo, peak_for, Peaks, step_flops)
+from bench.phases import PHASES, PhaseClock
+from config import BertConfig
+
+TINY = BertConfig(vocab_size=50, hidden_size=4, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=8, max_position_embeddings=16)
+
+
+def hand_count(length: int) -> int:
+    """TINY's forward GEMMs of one layer on one sequence, product by product."""
+    hidden, inter = 4, 8
+    qkv = 3 * 2 * length * hidden * hidden
+    scores = 2 * length * length * hidden  # 2 heads x (L, 2) @ (2, L)
+    context = 2 * length * length * hidden  # 2 heads x (L, L) @ (L, 2)
+    output = 2 * length * hidden * hidden
+    ffn = 2 * length * hidden * inter + 2 * length * inter * hidden
+    return qkv + scores + context + output + ffn
+
+
+def test_flop_formula_matches_a_hand_count():
+    assert hand_count(3) == 288 + 72 + 72 + 96 + 384 == 912
+    assert layer_flops(3, 4, 8) == 912
+    assert encoder_flops(TINY, [3], passes=1) == 2 * 912  # two layers
+    assert encoder_flops(TINY, [3, 4]) == 3 * 2 * (912 + hand_count(4))  # + backward, 2x
+
+
+def test_step_flops_count_real_and_padded_tokens():
+    masks = [torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), torch.tensor([[1, 1]])]
+    flops = step_flops(TINY, masks)
+    assert (flops.real_tokens, flops.padded_tokens) == (9, 10)
+    assert flops.real == 6 * (hand_count(3) + hand_count(4) + hand_count(2))
+    assert flops.padded == 6 * (2 * hand_count(4) + hand_count(2))
+    assert step_flops(TINY, masks, passes=1).padded * 3 == flops.padded
+
+
+def test_flop_formula_matches_torchs_count_of_the_encoder():
+    """The formula against torch's own FLOP counter on our encoder (forward and backward):
+    equal but for the pooler's one (H, H) product per sequence (left out by design)."""
+    from bert import BertModel
+    model = BertModel(TINY)
+    ids = torch.randint(5, 50, (3, 6))
+    mask = torch.ones_like(ids)  # unpadded: the fused attention computes L x L either way
+    with FlopCounterMode(display=False) as counter:
+        model(ids, attention_mask=mask).last_hidden_state.sum().backward()
+    pooler = 3 * 2 * TINY.hidden_size ** 2  # its forward on 3 sequences (no loss reads it)
+    assert counter.get_total_flops() - pooler == step_flops(TINY, [mask]).padded
+
+
+def test_adamw_traffic_in_bytes():
+    assert adamw_bytes(1000, ADAMW_FUSED_ACCESSES) == 28_000  # read p, g, m, v; write p, m, v
+
+
+SAPPHIRE = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse avx avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8
+processor\t: 1
+model name\t: another
+flags\t\t: fpu
+"""
+EPYC = "processor : 0\nmodel name : AMD EPYC 7B12\nflags : fpu sse avx avx2 fma\n"
+
+
+@pytest.mark.parametrize("text, model, native, described", [
+    (SAPPHIRE, "Intel(R) Xeon(R) Platinum 8480+", True,
+     "avx2 yes, avx512f yes, avx512_bf16 yes, amx yes"),
+    (EPYC, "AMD EPYC 7B12", False, "avx2 yes, avx512f no, avx512_bf16 no, amx no"),
+    ("", None, False, "instruction flags unknown"),
+])
+def test_cpu_flags_parser(text, model, native, described):
+    cpu = parse_cpuinfo(text)
+    if model is not None:
+        assert cpu.model == model
+    assert cpu.native_bf16 is native
+    assert described in cpu.describe()
+
+
+def test_peak_for_uses_bf16_only_where_it_was_measured():
+    peaks = Peaks([("2048^3", (2048, 2048, 2048), 100.0, None)], 10.0, False)
+    assert peak_for(peaks, "fp32") == (100.0, "fp32")
+    assert peak_for(peaks, "bf16") == (100.0, "fp32 (bf16 emulated)")
+    peaks.rows[0] = ("2048^3", (2048, 2048, 2048), 100.0, 400.0)
+    assert peak_for(peaks, "bf16") == (400.0, "bf16")
+
+
+def test_measured_rates_are_positive_on_tiny_shapes():
+    assert gemm_gflops(4, 8, 3, repeats=1, min_seconds=0.0) > 0
+    assert copy_gbps(megabytes=1, repeats=1) > 0
+    assert CpuInfo("x", frozenset()).native_bf16 is False
+
+
+def test_phase_clock_times_each_part_of_the_real_train_step(tiny_checkpoint, tiny_data):
+    """bench.mix's phases on the engine's train_step: the forward, backward and optimizer
+    are seen in every method, the combination in the per-task ones only, and the clock
+    leaves no hook or wrapper behind."""
+    from bench.mix import PLAIN, make_methods, mix_step, time_phases
+    from engine import run
+    from multitask_classifier import MultitaskConfig, build_tasks
+    from optimizer import AdamW
+    cfg = MultitaskConfig(checkpoint=tiny_checkpoint, data_dir=tiny_data, max_length=64,
+                          progress=False)
+    s = run.setup(cfg)
+    tasks = build_tasks(cfg, s.tokenizer, s.encoder.config, ("train",))
+    model = run.build_model(cfg, s.encoder, tasks, s.device).train()
+    model.train_encoder(True)
+    shared = [p for p in model.encoder.parameters() if p.requires_grad]
+    methods = make_methods(shared, [model.encoder.word_embedding.weight], len(tasks), "pcgrad")
+    steps = [[t.collate(t.train[:4]) for t in tasks]] * 2
+    optimizer = AdamW(model.parameters(), lr=1e-5)
+    phases = time_phases(model, tasks, steps, optimizer, methods, rounds=1)
+    assert set(phases) == set(methods)
+    for name, spent in phases.items():
+        assert list(spent) == list(PHASES)
+        assert all(spent[p] > 0 for p in ("forward", "backward", "optimizer")), (name, spent)
+        assert (spent["combination"] > 0) is (name != PLAIN), (name, spent)
+    for combiner in methods.values():
+        assert combiner is None or "combine" not in vars(combiner)
+    mix_step(model, tasks, steps[0], optimizer, methods["pcgrad"])  # unwatched: nothing marks
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+    assert PhaseClock(torch.device("cpu")).take() == dict.fromkeys(PHASES, 0.0)
