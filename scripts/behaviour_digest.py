@@ -58,12 +58,25 @@ def make_inputs() -> tuple[str, str]:
     return ckpt, write_tiny_data(data)
 
 
+def unfused(model: dict) -> dict:
+    """A fused qkv tensor as its query, key and value blocks under their names from before
+    the fusion, so that digests stay comparable with ones taken before it."""
+    out = {}
+    for key, tensor in model.items():
+        if ".self_attention.qkv." in key:
+            for name, block in zip(("query", "key", "value"), tensor.chunk(3)):
+                out[key.replace(".qkv.", f".{name}.")] = block.contiguous()
+        else:
+            out[key] = tensor
+    return out
+
+
 def digest_file(path: str) -> str | dict:
     if path.endswith(".pt"):
         import torch
         saved = torch.load(path, map_location="cpu", weights_only=True)
         return {k: hashlib.sha256(v.numpy().tobytes()).hexdigest()[:16]
-                for k, v in saved.get("model", {}).items()}
+                for k, v in unfused(saved.get("model", {})).items()}
     with open(path, "rb") as f:
         raw = f.read()
     if os.path.basename(path) == "config.json" and b"run_dir" in raw:

@@ -1,4 +1,5 @@
 import os
+import re
 
 import numpy as np
 import pytest
@@ -72,20 +73,61 @@ def test_unknown_key_is_named(tmp_path, tiny_config):
         from_pretrained(folder)
 
 
-def test_missing_key_is_named(tmp_path, tiny_config):
+@pytest.mark.parametrize("key", ["encoder.layer.1.output.dense.bias",
+                                 # one of the three blocks of a fused qkv
+                                 "encoder.layer.1.attention.self.key.weight",
+                                 "encoder.layer.0.attention.self.query.bias"])
+def test_missing_key_is_named(tmp_path, tiny_config, key):
     state = to_hf_state_dict(BertModel(tiny_config))
-    del state["encoder.layer.1.output.dense.bias"]
+    del state[key]
     folder = write_checkpoint(tmp_path / "m", tiny_config, state)
-    with pytest.raises(CheckpointError, match="missing.*encoder.layer.1.output.dense.bias"):
+    with pytest.raises(CheckpointError, match=rf"missing checkpoint keys: {re.escape(key)}$"):
         from_pretrained(folder)
 
 
-def test_misshaped_key_is_named(tmp_path, tiny_config):
+@pytest.mark.parametrize("key, shape", [("pooler.dense.weight", (3, 3)),
+                                        ("encoder.layer.0.attention.self.value.bias", (5,)),
+                                        # the fused qkv's shape, for one of its blocks
+                                        ("encoder.layer.1.attention.self.key.weight", "qkv")])
+def test_misshaped_key_is_named(tmp_path, tiny_config, key, shape):
     state = to_hf_state_dict(BertModel(tiny_config))
-    state["pooler.dense.weight"] = torch.zeros(3, 3)
+    hidden = tiny_config.hidden_size
+    shape = (3 * hidden, hidden) if shape == "qkv" else shape
+    state[key] = torch.zeros(shape)
     folder = write_checkpoint(tmp_path / "s", tiny_config, state)
-    with pytest.raises(CheckpointError, match=r"pooler.dense.weight.*\(3, 3\)"):
+    named = re.escape(f"{key}' has shape {shape}")
+    with pytest.raises(CheckpointError, match=named):
         from_pretrained(folder)
+
+
+def test_a_block_given_twice_is_named(tmp_path, tiny_config):
+    state = to_hf_state_dict(BertModel(tiny_config))
+    state["bert.encoder.layer.0.attention.self.value.weight"] = torch.zeros(
+        tiny_config.hidden_size, tiny_config.hidden_size)
+    folder = write_checkpoint(tmp_path / "d", tiny_config, state)
+    with pytest.raises(CheckpointError, match=r"two checkpoint keys map to "
+                       r"'bert_layers.0.self_attention.qkv.weight' \(block 3 of 3\)"):
+        from_pretrained(folder)
+
+
+def test_qkv_is_query_key_value_in_that_order(tmp_path, tiny_config):
+    """HF's separate projections are the row blocks of our fused one, in q, k, v order,
+    both ways (the order against transformers itself: the reference-output test)."""
+    model = BertModel(tiny_config)
+    state = to_hf_state_dict(model)
+    hidden = tiny_config.hidden_size
+    for layer, ours in enumerate(model.bert_layers):
+        for param in ("weight", "bias"):
+            fused = getattr(ours.self_attention.qkv, param)
+            for i, name in enumerate(("query", "key", "value")):
+                theirs = state[f"encoder.layer.{layer}.attention.self.{name}.{param}"]
+                assert torch.equal(theirs, fused[i * hidden:(i + 1) * hidden]), (layer, name)
+    distinct = {k: torch.randn(v.shape) if ".attention.self." in k else v for k, v in state.items()}
+    loaded = from_pretrained(write_checkpoint(tmp_path / "q", tiny_config, distinct))
+    for layer, ours in enumerate(loaded.bert_layers):
+        expected = torch.cat([distinct[f"encoder.layer.{layer}.attention.self.{name}.weight"]
+                              for name in ("query", "key", "value")])
+        assert torch.equal(ours.self_attention.qkv.weight, expected)
 
 
 def test_missing_folder_and_weights(tmp_path, tiny_config):

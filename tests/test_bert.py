@@ -44,7 +44,7 @@ def test_explicit_and_fused_gradients_agree(tiny_config):
         model.zero_grad()
         model.set_fused_attention(fused)
         model(ids, mask).pooler_output.sum().backward()
-        grads.append(model.bert_layers[0].self_attention.query.weight.grad.clone())
+        grads.append(model.bert_layers[0].self_attention.qkv.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
@@ -160,7 +160,9 @@ def attention_by_hand(attention, config, hidden, attention_mask):
     applied by leaving the padding keys out altogether."""
     heads = config.num_attention_heads
     d = config.hidden_size // heads
-    q, k, v = (linear(hidden, m) for m in (attention.query, attention.key, attention.value))
+    # the fused projection's weight rows are W_Q, W_K, W_V stacked (so its bias b_Q, b_K, b_V)
+    q, k, v = (hidden @ w.T + b for w, b in zip(attention.qkv.weight.chunk(3),
+                                                  attention.qkv.bias.chunk(3)))
     out = torch.zeros_like(hidden)
     for b in range(hidden.shape[0]):
         real = attention_mask[b].bool()
@@ -247,3 +249,23 @@ def test_layer_norms_use_the_config_eps(tiny_config):
     norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert len(norms) == 1 + 2 * tiny_config.num_hidden_layers
     assert all(norm.eps == 0.25 for norm in norms)
+
+
+def test_a_state_dict_from_before_the_qkv_fusion_loads(tiny_config):
+    """An older run's best.pt holds query/key/value separately: they load, concatenated,
+    into qkv; an incomplete set is left for the strict load to refuse, naming it."""
+    model = perturb(BertModel(tiny_config))
+    old = {}
+    for key, tensor in model.state_dict().items():
+        if ".qkv." in key:
+            for name, block in zip(("query", "key", "value"), tensor.chunk(3)):
+                old[key.replace(".qkv.", f".{name}.")] = block.clone()
+        else:
+            old[key] = tensor
+    loaded = BertModel(tiny_config)
+    loaded.load_state_dict(old)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    del old["bert_layers.1.self_attention.key.bias"]
+    with pytest.raises(RuntimeError, match="bert_layers.1.self_attention.qkv.bias"):
+        loaded.load_state_dict(old)
