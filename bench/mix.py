@@ -44,6 +44,8 @@ class MixBenchConfig:
         "help": "bf16: time steps under bfloat16 autocast", "choices": ["fp32", "bf16", "auto"]})
     seed: int = 0
     use_gpu: bool = field(default=False, metadata={"help": "run on CUDA (when present)"})
+    packed: bool = field(default=True, metadata={
+        "help": "one encoder pass per step for all tasks (--no-packed: one per task)"})
 
 
 def make_methods(shared: list, sparse_rows: list, num_tasks: int, chosen: str) -> dict:
@@ -65,11 +67,12 @@ def make_methods(shared: list, sparse_rows: list, num_tasks: int, chosen: str) -
     return methods
 
 
-def mix_step(model, tasks: list, batches: list, optimizer, combiner: Combiner | None) -> None:
+def mix_step(model, tasks: list, batches: list, optimizer, combiner: Combiner | None,
+             packed: bool = True) -> None:
     """One finetune-mix step on one process, as the trainer takes it."""
     device = next(model.parameters()).device
     ctx = make_context(model, tasks, Dist(0, 1, 0, device), model.precision, find_unused=False,
-                       combined=combiner.params if combiner is not None else [])
+                       combined=combiner.params if combiner is not None else [], packed=packed)
     train_step(ctx, tasks, [([b], len(b)) for b in batches], optimizer, combiner)
 
 
@@ -89,7 +92,7 @@ def main() -> None:
     optimizer = AdamW(model.parameters(), lr=1e-5)
     methods = make_methods(shared, [encoder.word_embedding.weight], len(tasks), cfg.methods)
     for surgery in methods.values():  # warm-up: each method's buffers and first allocations
-        mix_step(model, tasks, steps[0], optimizer, surgery)
+        mix_step(model, tasks, steps[0], optimizer, surgery, cfg.packed)
     # Each method runs each batch once a round, the methods in turn on the same batch, so
     # that drift on a shared machine hits all alike; per batch the fastest round is kept.
     best = {name: [float("inf")] * cfg.steps for name in methods}
@@ -97,7 +100,7 @@ def main() -> None:
         for i, batches in enumerate(steps[1:]):
             for name, surgery in methods.items():
                 start = time.perf_counter()
-                mix_step(model, tasks, batches, optimizer, surgery)
+                mix_step(model, tasks, batches, optimizer, surgery, cfg.packed)
                 if s.device.type == "cuda":
                     torch.cuda.synchronize()
                 best[name][i] = min(best[name][i], time.perf_counter() - start)
@@ -105,7 +108,7 @@ def main() -> None:
     tokens = sum(b.encoded.input_ids.numel() for batches in steps[1:] for b in batches) / cfg.steps
     print(f"{len(tasks)} tasks ({', '.join(f'{t.name} batch {t.batch_size}' for t in tasks)}), "
           f"{tokens:.0f} padded tokens/step, {torch.get_num_threads()} threads, "
-          f"{model.precision.name}, best of {cfg.rounds} rounds x {cfg.steps} steps")
+          f"{model.precision.name}, {'packed' if cfg.packed else 'one pass per task'}, best of {cfg.rounds} rounds x {cfg.steps} steps")
     every = task_cfg.grad_diagnostics_every
     plain, diagnostics = best[PLAIN], best[DIAGNOSTICS]
     rows = list(best.items())
