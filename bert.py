@@ -6,8 +6,8 @@ from `base_bert.load_pretrained` / `base_bert.from_pretrained`. This file does n
 from __future__ import annotations
 
 import math
-from itertools import accumulate
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F

@@ -3,9 +3,9 @@ report's section 4.2).
 
 Heads take the shared encoder's output for a batch (bert.BertOutput: from one call per
 batch, or from BertModel.forward_many for all of a step's tasks at once) and the batch, and
-return the task's raw output: logits
-(B, C) for classification, one logit (B,) for binary paraphrase detection, a score (B,)
-for similarity. Pair tasks come in two encodings:
+return the task's raw output: logits (B, C) for classification, one logit (B,) for binary
+paraphrase detection, a score (B,) for similarity. The caller runs the encoder, so that a
+training step can encode every task's sequences in one pass. Pair tasks come in two encodings:
   cross: `[CLS] a [SEP] b [SEP]` as one input, a linear layer on its pooled vector;
   bi:    each sentence encoded alone and mean-pooled (u, v); similarity scored as
          5 * cos(u, v), paraphrase classified from [u, v, |u - v|, u * v].
