@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -65,9 +66,19 @@ class BertSelfAttention(nn.Module):
         return probs @ v  # (B, heads, T, head_dim)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv(hidden)  # (B, T, 3H)
-        # chunks are views (no copy); each (B, T, H) -> (B, heads, T, head_dim)
-        q, k, v = (self.split_heads(x) for x in qkv.chunk(3, dim=-1))
+        q, k, v = self.qkv(hidden).chunk(3, dim=-1)  # (B, T, 3H) -> 3 x (B, T, H) views
+        return self.attend(q, k, v, mask)
+
+    def forward_packed(self, hidden: torch.Tensor, packing: "Packing") -> torch.Tensor:
+        """(N, H) real tokens -> (N, H): the projections on the packed rows, attention per
+        sequence in the padded layout."""
+        q, k, v = packing.unpack(self.qkv(hidden)).chunk(3, dim=-1)  # (N, 3H) -> 3 x (S, T, H)
+        return packing.pack(self.attend(q, k, v, packing.mask))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """Projected (B, T, H) queries, keys, values -> the heads' concatenated context."""
+        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
         if self.fused:
             context = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
@@ -109,7 +120,14 @@ class BertLayer(nn.Module):
         return norm(residual + self.dropout(dense(sublayer_out)))
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        attended = self.self_attention(hidden, mask)  # (B, T, H)
+        return self.feed_forward(hidden, self.self_attention(hidden, mask))
+
+    def forward_packed(self, hidden: torch.Tensor, packing: "Packing") -> torch.Tensor:
+        """The layer on the (N, H) real tokens of packed sequences."""
+        return self.feed_forward(hidden, self.self_attention.forward_packed(hidden, packing))
+
+    def feed_forward(self, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """Add & norm the attention's output, then the feed-forward: token-wise."""
         hidden = self.add_norm(hidden, attended, self.attention_dense, self.attention_layer_norm)
         interm = self.interm_af(self.interm_dense(hidden))  # (B, T, intermediate)
         return self.add_norm(hidden, interm, self.out_dense, self.out_layer_norm)
@@ -166,6 +184,67 @@ class BertModel(nn.Module):
             hidden = layer(hidden, mask)
         pooled = torch.tanh(self.pooler_dense(hidden[:, 0]))  # (B, H)
         return BertOutput(last_hidden_state=hidden, pooler_output=pooled)
+
+    def forward_many(self, batches: list) -> list[BertOutput]:
+        """`forward` on each of several padded batches (tokenizer.Encoded), in one pass:
+        the token-wise layers (embeddings, projections, feed-forward, LayerNorm) run on one
+        (real tokens, H) matrix of all the batches' sequences, so that their matrix
+        products see every token of the step at once and none of the padding; attention
+        runs per sequence in a padded layout. Equal to `forward` per batch up to float
+        reassociation (same dropout probabilities, different random draws)."""
+        packing = Packing.of(batches)
+        if packing.length > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {packing.length} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        embedded = (self.word_embedding(packing.pack(packing.input_ids))
+                    + self.pos_embedding(packing.index % packing.length)
+                    + self.tk_type_embedding(packing.pack(packing.token_type_ids)))  # (N, H)
+        hidden = self.embed_dropout(self.embed_layer_norm(embedded))
+        packing.mask = extended_attention_mask(packing.attention_mask, hidden.dtype)
+        for layer in self.bert_layers:
+            hidden = layer.forward_packed(hidden, packing)
+        padded = packing.unpack(hidden)  # (S, T, H), zeros at the padding
+        pooled = torch.tanh(self.pooler_dense(padded[:, 0]))  # (S, H)
+        return [BertOutput(last_hidden_state=padded[start:end, :length],
+                           pooler_output=pooled[start:end])
+                for start, end, length in packing.spans]
+
+
+@dataclass
+class Packing:
+    """Several padded batches as one: their S sequences stacked and padded to the longest
+    (T), and `index`, the positions of the N real tokens in that (S * T) layout. pack takes
+    a (S, T, ...) tensor to its (N, ...) real tokens, unpack the way back (zeros at the
+    padding). `spans`: each batch's (first row, end row, own length)."""
+    input_ids: torch.Tensor  # (S, T)
+    token_type_ids: torch.Tensor  # (S, T)
+    attention_mask: torch.Tensor  # (S, T)
+    index: torch.Tensor  # (N,)
+    spans: list[tuple[int, int, int]]
+    mask: torch.Tensor | None = None  # (S, 1, 1, T) additive, set by the encoder
+
+    @classmethod
+    def of(cls, batches: list) -> "Packing":
+        length = max(b.input_ids.shape[1] for b in batches)
+        stacked = [torch.cat([F.pad(getattr(b, name), (0, length - b.input_ids.shape[1]))
+                              for b in batches])
+                   for name in ("input_ids", "token_type_ids", "attention_mask")]
+        ends = list(accumulate(len(b.input_ids) for b in batches))
+        spans = [(end - len(b.input_ids), end, b.input_ids.shape[1]) for b, end in zip(batches, ends)]
+        index = stacked[2].flatten().nonzero().squeeze(1)
+        return cls(*stacked, index, spans)
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        return padded.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        rows = len(self.input_ids) * self.length
+        full = packed.new_zeros((rows,) + packed.shape[1:]).index_copy(0, self.index, packed)
+        return full.view(len(self.input_ids), self.length, *packed.shape[1:])
 
 
 def init_module(module: nn.Module, std: float) -> None:

@@ -34,6 +34,8 @@ class DistBenchConfig:
     data_dir: str = field(default_factory=default_data_dir)
     checkpoint: str = ""
     seed: int = 0
+    packed: bool = field(default=True, metadata={
+        "help": "one encoder pass per step for all tasks (--no-packed: one per task)"})
 
 
 def allreduce_bytes(num_elements: int, dtype: torch.dtype = torch.float32) -> int:
@@ -59,7 +61,7 @@ def time_steps(cfg: DistBenchConfig, dist: distributed.Dist, pcgrad: bool) -> tu
     surgery = Combiner.build(Combination("pcgrad"), shared, len(tasks), cfg.seed, dist, 2) \
         if pcgrad else None  # 2 micro-batches: no sparse rows, as under torchrun
     ctx = make_context(model, tasks, dist, model.precision, find_unused=False,
-                       combined=shared if pcgrad else [], ddp=not pcgrad)
+                       combined=shared if pcgrad else [], ddp=not pcgrad, packed=cfg.packed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # the same global batches as one process with batch 2b: batch b per process x 2
     batch = {t.name: t.batch_size * 2 // dist.world_size for t in tasks}

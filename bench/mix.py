@@ -56,6 +56,8 @@ class MixBenchConfig:
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
     phase_rounds: int = field(default=1, metadata={
         "help": "rounds of the pass timing each phase apart (0: skip it)"})
+    packed: bool = field(default=True, metadata={
+        "help": "one encoder pass per step for all tasks (--no-packed: one per task)"})
 
 
 def make_methods(shared: list, sparse_rows: list, num_tasks: int, chosen: str) -> dict:
@@ -78,11 +80,11 @@ def make_methods(shared: list, sparse_rows: list, num_tasks: int, chosen: str) -
 
 
 def mix_step(model, tasks: list, batches: list, optimizer, combiner: Combiner | None,
-             clock: PhaseClock | None = None) -> None:
+             clock: PhaseClock | None = None, packed: bool = True) -> None:
     """One finetune-mix step on one process, as the trainer takes it; `clock` times its phases."""
     device = next(model.parameters()).device
     ctx = make_context(model, tasks, Dist(0, 1, 0, device), model.precision, find_unused=False,
-                       combined=combiner.params if combiner is not None else [])
+                       combined=combiner.params if combiner is not None else [], packed=packed)
     with clock.watch(ctx.local, optimizer, combiner) if clock else nullcontext():
         train_step(ctx, tasks, [([b], len(b)) for b in batches], optimizer, combiner)
 
@@ -106,12 +108,12 @@ def main() -> None:
     optimizer = AdamW(model.parameters(), lr=1e-5)
     methods = make_methods(shared, [encoder.word_embedding.weight], len(tasks), cfg.methods)
     for surgery in methods.values():  # warm-up: each method's buffers and first allocations
-        mix_step(model, tasks, steps[0], optimizer, surgery)
-    best = time_methods(model, tasks, steps[1:], optimizer, methods, cfg.rounds)
+        mix_step(model, tasks, steps[0], optimizer, surgery, packed=cfg.packed)
+    best = time_methods(model, tasks, steps[1:], optimizer, methods, cfg.rounds, cfg.packed)
     print(machine_header(s.device))
     print_ratios(cfg, task_cfg, model, tasks, steps[1:], methods, best)
     phases = {} if not cfg.phase_rounds else \
-        time_phases(model, tasks, steps[1:], optimizer, methods, cfg.phase_rounds)
+        time_phases(model, tasks, steps[1:], optimizer, methods, cfg.phase_rounds, cfg.packed)
     print_limits(model, tasks, steps[1:], best[PLAIN], phases)
     if phases:
         print(f"Time per phase (bench/phases.py; a pass apart, best of {cfg.phase_rounds} "
@@ -119,7 +121,8 @@ def main() -> None:
         print("\n".join(phase_lines(phases)))
 
 
-def time_methods(model, tasks: list, steps: list, optimizer, methods: dict, rounds: int) -> dict:
+def time_methods(model, tasks: list, steps: list, optimizer, methods: dict, rounds: int,
+                 packed: bool = True) -> dict:
     """Mean seconds per step of each method, the fastest round kept per batch."""
     # Each method runs each batch once a round, the methods in turn on the same batch, so
     # that drift on a shared machine hits all alike; per batch the fastest round is kept.
@@ -129,7 +132,7 @@ def time_methods(model, tasks: list, steps: list, optimizer, methods: dict, roun
         for i, batches in enumerate(steps):
             for name, surgery in methods.items():
                 start = time.perf_counter()
-                mix_step(model, tasks, batches, optimizer, surgery)
+                mix_step(model, tasks, batches, optimizer, surgery, packed=packed)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 best[name][i] = min(best[name][i], time.perf_counter() - start)
@@ -142,7 +145,7 @@ def print_ratios(cfg: MixBenchConfig, task_cfg: MultitaskConfig, model, tasks: l
     tokens = sum(b.encoded.input_ids.numel() for batches in steps for b in batches) / cfg.steps
     print(f"{len(tasks)} tasks ({', '.join(f'{t.name} batch {t.batch_size}' for t in tasks)}), "
           f"{tokens:.0f} padded tokens/step, {torch.get_num_threads()} threads, "
-          f"{model.precision.name}, best of {cfg.rounds} rounds x {cfg.steps} steps")
+          f"{model.precision.name}, {'packed' if cfg.packed else 'one pass per task'}, best of {cfg.rounds} rounds x {cfg.steps} steps")
     every = task_cfg.grad_diagnostics_every
     plain, diagnostics = best[PLAIN], best[DIAGNOSTICS]
     rows = list(best.items())
@@ -159,7 +162,7 @@ def print_ratios(cfg: MixBenchConfig, task_cfg: MultitaskConfig, model, tasks: l
 
 
 def time_phases(model, tasks: list, steps: list, optimizer, methods: dict,
-                rounds: int) -> dict[str, dict[str, float]]:
+                rounds: int, packed: bool = True) -> dict[str, dict[str, float]]:
     """Per method, the mean seconds per step of each phase (bench/phases.py), on the same
     batches; per batch the round with the fastest total is kept."""
     clock = PhaseClock(next(model.parameters()).device)
@@ -167,7 +170,7 @@ def time_phases(model, tasks: list, steps: list, optimizer, methods: dict,
     for _ in range(rounds):
         for i, batches in enumerate(steps):
             for name, surgery in methods.items():
-                mix_step(model, tasks, batches, optimizer, surgery, clock)
+                mix_step(model, tasks, batches, optimizer, surgery, clock, packed)
                 spent = clock.take()
                 if best[name][i] is None or sum(spent.values()) < sum(best[name][i].values()):
                     best[name][i] = spent

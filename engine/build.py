@@ -72,5 +72,5 @@ def build_parts(cfg: RunConfig, model: MultitaskBERT, tasks: list[Task], dist: D
         optimizers = {t.name: make_optimizer(encoder_params, t.head.parameters(), cfg,
                                              cfg.epochs * len(streams[t.name])) for t in tasks}
     ctx = make_context(model, tasks, dist, model.precision, find_unused=cfg.mode == "seq",
-                       combined=combiner.params if combiner is not None else [])
+                       combined=combiner.params if combiner is not None else [], packed=cfg.packed)
     return Parts(model, tasks, streams, optimizers, steps, combiner, ctx, model.precision)

@@ -81,6 +81,10 @@ class RunConfig:
         "bf16: bfloat16 autocast; fp16: float16 autocast with loss scaling (GPUs); auto: bf16 "
         "where the hardware computes it natively, else fp16 on a GPU, fp32 on a CPU",
         choices=list(PRECISIONS)))
+    packed: bool = field(default=True, metadata=_help(
+        "one encoder pass per training step for all its tasks' sequences, padding removed "
+        "from the token-wise layers (equal to one pass per task up to float rounding); "
+        "--no-packed: one padded pass per task"))
     grad_accumulation: int = field(default=1, metadata=_help(
         "micro-batches per step: each step's batch is batch size x N (x processes), its "
         "gradients accumulated over N forward/backward passes (less memory, same update)"))

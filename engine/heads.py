@@ -1,9 +1,11 @@
 """Task heads and the multitask model: one shared encoder, one head per task (the
 report's section 4.2).
 
-Heads take the shared encoder and a batch and return the task's raw output: logits
-(B, C) for classification, one logit (B,) for binary paraphrase detection, a score (B,)
-for similarity. Pair tasks come in two encodings:
+Heads take the shared encoder's output for a batch (bert.BertOutput: from one call per
+batch, or from BertModel.forward_many for all of a step's tasks at once) and the batch, and
+return the task's raw output: logits (B, C) for classification, one logit (B,) for binary
+paraphrase detection, a score (B,) for similarity. The caller runs the encoder, so that a
+training step can encode every task's sequences in one pass. Pair tasks come in two encodings:
   cross: `[CLS] a [SEP] b [SEP]` as one input, a linear layer on its pooled vector;
   bi:    each sentence encoded alone and mean-pooled (u, v); similarity scored as
          5 * cos(u, v), paraphrase classified from [u, v, |u - v|, u * v].
@@ -14,17 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bert import BertModel, init_module, mean_pool
+from bert import BertModel, BertOutput, init_module, mean_pool
 from datasets import Batch
 from engine.precision import Precision
 from engine.specs import TaskSpec
 
 
 
-def pool(encoder: BertModel, batch: Batch, pooling: str) -> torch.Tensor:
+def pool(out: BertOutput, batch: Batch, pooling: str) -> torch.Tensor:
     """One vector per input: (B, H). MiniLM was trained on mean pooling; its pooler
     layer looks untrained, so "pooler" suits bert-base more than it suits MiniLM."""
-    out = encoder(**batch.encoded.as_kwargs())
     if pooling == "mean":
         return mean_pool(out.last_hidden_state, batch.encoded.attention_mask)
     if pooling == "cls":
@@ -69,8 +70,8 @@ class LinearHead(TaskHead):
         self.pooling = pooling
         self.reads_pooler = pooling == "pooler"
 
-    def forward(self, encoder: BertModel, batch: Batch) -> torch.Tensor:
-        logits = self.linear(self.dropout(pool(encoder, batch, self.pooling)))  # (B, C)
+    def forward(self, out: BertOutput, batch: Batch) -> torch.Tensor:
+        logits = self.linear(self.dropout(pool(out, batch, self.pooling)))  # (B, C)
         return logits.squeeze(-1) if logits.shape[-1] == 1 else logits
 
     def describe(self, task: str, pair: bool) -> dict:
@@ -93,8 +94,8 @@ class BiEncoderHead(TaskHead):
         # Sentence-BERT's classification features (Reimers & Gurevych, 2019, eq. 1).
         self.linear = nn.Linear(4 * hidden, 1) if score == "features" else None
 
-    def forward(self, encoder: BertModel, batch: Batch) -> torch.Tensor:
-        pooled = pool(encoder, batch, "mean")  # (2B, H): first sentences, then seconds
+    def forward(self, out: BertOutput, batch: Batch) -> torch.Tensor:
+        pooled = pool(out, batch, "mean")  # (2B, H): first sentences, then seconds
         u, v = pooled.chunk(2)  # (B, H) each
         if self.score == "cosine":
             return 5.0 * F.cosine_similarity(u, v, dim=-1)  # (B,) on the 0-5 label scale
@@ -141,7 +142,15 @@ class MultitaskBERT(nn.Module):
 
     def forward(self, task_name: str, batch: Batch) -> torch.Tensor:
         with self.precision.autocast():
-            return self.heads[task_name](self.encoder, batch).float()
+            out = self.encoder(**batch.encoded.as_kwargs())
+            return self.heads[task_name](out, batch).float()
+
+    def forward_many(self, task_names: list[str], batches: list[Batch]) -> list[torch.Tensor]:
+        """`forward` for several tasks' batches with ONE encoder pass over all their
+        sequences (BertModel.forward_many): larger matrix products, no padding."""
+        with self.precision.autocast():
+            outs = self.encoder.forward_many([b.encoded for b in batches])
+            return [self.heads[n](out, b).float() for n, out, b in zip(task_names, outs, batches)]
 
     def train_encoder(self, train: bool) -> None:
         """Freeze or unfreeze the encoder. The pooler layer trains only if a head reads it:

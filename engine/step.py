@@ -27,13 +27,16 @@ class TaskLosses(nn.Module):
     """The mean losses of a step's tasks from ONE forward call: DistributedDataParallel
     expects one forward per backward."""
 
-    def __init__(self, model: nn.Module, tasks: list):
+    def __init__(self, model: nn.Module, tasks: list, packed: bool = False):
         super().__init__()
         self.model = model
         self.tasks = {t.name: t for t in tasks}  # a plain dict: the heads are registered in `model`
+        self.packed = packed  # one encoder pass for all the tasks (MultitaskBERT.forward_many)
 
     def forward(self, names: list[str], batches: list) -> list[torch.Tensor]:
-        return [self.tasks[n].loss(self.model(n, b), b.labels) for n, b in zip(names, batches)]
+        outputs = (self.model.forward_many(names, batches) if self.packed else
+                   [self.model(n, b) for n, b in zip(names, batches)])
+        return [self.tasks[n].loss(out, b.labels) for n, out, b in zip(names, outputs, batches)]
 
 
 @dataclass
@@ -85,14 +88,16 @@ class StepContext:
 
 
 def make_context(model: nn.Module, tasks: list, dist: Dist, precision: Precision,
-                 find_unused: bool, combined: list = (), ddp: bool = True) -> StepContext:
+                 find_unused: bool, combined: list = (), ddp: bool = True,
+                 packed: bool = False) -> StepContext:
     """`find_unused`: some parameters get no gradient in a step (seq mode: one task's head).
     `combined`: the parameters of the combiner's buffer (the trainable encoder); the rest
     (the heads') are averaged over processes apart on the steps that use the buffer.
     The per-task passes of the aggregators go through `local`, not DDP's forward, so DDP's
     hooks stay idle in their backward passes (tests/test_ddp.py mixes both in one run).
-    `ddp=False`: no DDP at all; plain steps are then averaged by reduce_grads."""
-    local = TaskLosses(model, tasks)
+    `ddp=False`: no DDP at all; plain steps are then averaged by reduce_grads.
+    `packed`: one encoder pass per micro-batch for all its tasks (TaskLosses)."""
+    local = TaskLosses(model, tasks, packed)
     losses: nn.Module = local
     if dist.enabled and not ddp:
         distributed.broadcast_parameters_(model)  # every rank starts from rank 0's weights
@@ -156,6 +161,8 @@ def backward_all(ctx: StepContext, names: list[str], drawn: list,
             if combiner is None:
                 ctx.scale(torch.stack(losses).sum()).backward()
                 continue
-            for k, loss in zip(here, losses):
-                combiner.backward(k, ctx.scale(loss), accumulate=i > count - len(drawn[k][0]))
+            for j, (k, loss) in enumerate(zip(here, losses)):
+                # one packed forward: every task's backward but the last keeps the graph
+                combiner.backward(k, ctx.scale(loss), accumulate=i > count - len(drawn[k][0]),
+                                  retain_graph=ctx.local.packed and j < len(here) - 1)
     return shares

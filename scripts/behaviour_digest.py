@@ -104,10 +104,10 @@ def digest_tree(folder: str) -> dict:
     return out
 
 
-def run(argv: list[str], ckpt: str, data: str, run_dir: str | None) -> None:
+def run(argv: list[str], ckpt: str, data: str, run_dir: str | None, flags: list[str]) -> None:
     argv = [a.format(ckpt=ckpt, data=data) for a in argv]
     if run_dir:
-        argv += [a.format(ckpt=ckpt, data=data) for a in COMMON] + ["--run_dir", run_dir]
+        argv += [a.format(ckpt=ckpt, data=data) for a in COMMON] + flags + ["--run_dir", run_dir]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MINBERT_DATA_DIR": data}
     subprocess.run([sys.executable] + argv, cwd=ROOT, env=env, check=True,
                    stdout=subprocess.DEVNULL)
@@ -117,22 +117,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True)
     parser.add_argument("--compare", default="")
+    parser.add_argument("--flags", default="", help="more flags for every training run "
+                        "(e.g. --flags=--no-packed), grid's rows included")
     args = parser.parse_args()
     shutil.rmtree(WORK, ignore_errors=True)
     ckpt, data = make_inputs()
     digests = {}
     for name, argv in RUNS.items():
         folder = os.path.join(WORK, "runs", name)
-        run(argv, ckpt, data, folder)
+        run(argv, ckpt, data, folder, args.flags.split())
         digests[name] = digest_tree(folder)
     grid = os.path.join(WORK, "grid")
     run(["grid.py", "--rows", "finetune-mix-0.3,finetune-mix-pcgrad-0.3", "--epochs", "1",
          "--runs_dir", grid, "--data_dir", data, "--checkpoint", ckpt, "--finetune_lr", "1e-3",
-         "--extra=--no-progress --max_length 32"], ckpt, data, None)
+         f"--extra=--no-progress --max_length 32 {args.flags}".rstrip()], ckpt, data, None, [])
     digests["grid"] = digest_tree(grid)
     export = os.path.join(WORK, "export")
     run(["export.py", "--load", os.path.join(WORK, "runs", "mix", "best.pt"), "--out", export],
-        ckpt, data, None)
+        ckpt, data, None, [])
     digests["export"] = {k: v for k, v in digest_tree(export).items() if k != "heads.json"}
     with open(args.out, "w") as f:
         json.dump(digests, f, indent=1, sort_keys=True)

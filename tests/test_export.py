@@ -141,7 +141,7 @@ def test_heads_reproduce_the_trained_heads(exported):
                     for i, (a, b) in enumerate(zip(SENTENCES, SECONDS))]
         batch = Collator(tokenizer, separate=entry["kind"] != "linear")(examples)
         with torch.no_grad():
-            reference = head.eval()(trained, batch)
+            reference = head.eval()(trained(**batch.encoded.as_kwargs()), batch)
         torch.testing.assert_close(apply_by_hand(entry, tensors, encoder, tokenizer), reference,
                                    atol=1e-5, rtol=1e-5)
         assert entry["metric"] == {"sst": "accuracy", "quora": "accuracy", "sts": "pearson",

@@ -46,15 +46,17 @@ def test_precision_choices():
         Precision.resolve("fp8", cpu)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("surgery", [False, True])
-def test_fp16_step_trains_and_an_overflow_skips_the_step(setup, surgery):
+def test_fp16_step_trains_and_an_overflow_skips_the_step(setup, surgery, packed):
     model, tasks = setup
     assert model.precision.dtype == torch.float16
     shared = [p for p in model.encoder.parameters() if p.requires_grad]
     pc = Combiner(Combination("pcgrad"), PCGrad(shared, len(tasks)), len(tasks), 0) \
         if surgery else None
     ctx = make_context(model, tasks, Dist(0, 1, 0, torch.device("cpu")), model.precision,
-                       find_unused=False, combined=shared if surgery else [], ddp=not surgery)
+                       find_unused=False, combined=shared if surgery else [], ddp=not surgery,
+                       packed=packed)
     optimizer = AdamW(model.parameters(), lr=1e-3)
     before = [p.detach().clone() for p in model.parameters()]
     values, gram, _ = train_step(ctx, tasks, drawn(tasks), optimizer, pc)
