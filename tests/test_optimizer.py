@@ -208,7 +208,8 @@ def test_state_dict_round_trips(saved_by, tmp_path):
     train(ReferenceAdamW, straight, 3, first=3, opt=ref_opt)
     assert_same_bits(resumed, opt, straight, ref_opt)
     state = opt.state_dict()
-    assert [g.keys() for g in state["param_groups"]] == [g.keys() for g in ref_opt.state_dict()["param_groups"]]
+    reference_groups = ref_opt.state_dict()["param_groups"]
+    assert [g.keys() for g in state["param_groups"]] == [g.keys() for g in reference_groups]
     assert all(v.keys() == {"step", "exp_avg", "exp_avg_sq"} for v in state["state"].values())
 
 
