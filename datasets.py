@@ -175,6 +175,12 @@ class Collator:
         per_column = [self.tokenizer.lengths(col) for col in columns]
         return [max(ls) for ls in zip(*per_column)]
 
+    def inputs_per_example(self, examples: Sequence[Example]) -> int:
+        """Encoder inputs (rows of a batch) each example becomes: two for a bi-encoder
+        pair, each padded to the longest of the batch."""
+        columns = len(examples[0].texts)
+        return 1 if columns == 2 and not self.separate else columns
+
 
 def pass_seed(seed: int, epoch: int) -> str:
     """The shuffle seed of one pass. Not seed + epoch: then seed s + 1 would replay seed

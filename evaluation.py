@@ -52,16 +52,36 @@ class Predictions:
         return path
 
 
-EVAL_BATCH_SIZE = 64  # evaluation holds no activations, so batches can be larger
+# An evaluation batch takes EVAL_BATCH_SIZE examples of similar length (or its training
+# batch size, if larger) and grows on while its padding stays under EVAL_PADDING of its
+# padded tokens, up to EVAL_TOKENS padded tokens (sequences x longest length). A large dev
+# set has many sentences of each length: there batches reach the token budget, so there
+# are fewer of them (less per-batch work: collation, kernel launches on a GPU); a small
+# one has few, and a larger batch would mostly add padding, which a CPU pays for in full.
+EVAL_BATCH_SIZE = 64
+EVAL_TOKENS = 8192
+EVAL_PADDING = 0.05
 
 
 def eval_batches(task, examples) -> list[list[int]]:
-    """Example indices in batches of similar length. Padding every sentence to its batch's
-    longest costs a CPU most of an evaluation pass when short and long ones share a batch."""
+    """Example indices sorted by length (ties in file order), cut into batches as above:
+    padding every sentence to its batch's longest costs a CPU most of an evaluation pass
+    when short and long ones share a batch. No randomness: every process of a distributed
+    evaluation cuts the same batches."""
     lengths = task.collate.lengths(examples)
-    order = sorted(range(len(examples)), key=lengths.__getitem__)
-    size = max(task.batch_size, EVAL_BATCH_SIZE)
-    return [order[i:i + size] for i in range(0, len(order), size)]
+    inputs = task.collate.inputs_per_example(examples) if examples else 1
+    least = max(task.batch_size, EVAL_BATCH_SIZE)
+    batches, batch, tokens = [], [], 0
+    for i in sorted(range(len(examples)), key=lengths.__getitem__):
+        size, longest = len(batch) + 1, lengths[i]  # sorted: i is the batch's longest
+        padded = size * longest
+        if batch and (padded * inputs > EVAL_TOKENS or size > least
+                      and padded - (tokens + longest) > EVAL_PADDING * padded):
+            batches.append(batch)
+            batch, tokens = [], 0
+        batch.append(i)
+        tokens += longest
+    return batches + [batch] if batch else batches
 
 
 @torch.inference_mode()

@@ -18,11 +18,17 @@ class AdamW(Optimizer):
         p <- p - alpha m / (sqrt(v) + eps)
         p <- p - lr wd p                                (decay after the Adam update)
     With correct_bias=False, alpha = lr.
+
+    `foreach` chooses how a step walks the parameters; both ways run the same tensor
+    operations in the same order, so on a CPU they give the same bits. None (the default)
+    takes multi-tensor `torch._foreach_*` operations on CUDA and one parameter at a time
+    elsewhere, as torch.optim does: see _step_foreach and _step_each for why.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, correct_bias: bool = True):
+                 weight_decay: float = 0.0, correct_bias: bool = True,
+                 foreach: bool | None = None):
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr} - should be >= 0.0")
         if not 0.0 <= betas[0] < 1.0:
@@ -36,6 +42,20 @@ class AdamW(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         correct_bias=correct_bias)
         super().__init__(params, defaults)
+        # how to run a step, not a hyperparameter: kept out of param_groups and so out of
+        # the state_dict (a checkpoint resumes the same on a CPU or a GPU)
+        self.foreach = foreach
+        self._scratch: dict[tuple, torch.Tensor] = {}
+
+    def __getstate__(self) -> dict:
+        # torch's Optimizer pickles (and copy.deepcopy copies) defaults, state and
+        # param_groups only; the foreach choice goes along, the scratch is made anew
+        return {**super().__getstate__(), "foreach": self.foreach}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("foreach", None)
+        self.__dict__.setdefault("_scratch", {})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
@@ -44,30 +64,94 @@ class AdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamW does not support sparse gradients; "
-                                       "use torch.optim.SparseAdam instead")
-                self._update(p, group, beta1, beta2)
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("AdamW does not support sparse gradients; "
+                                   "use torch.optim.SparseAdam instead")
+            for same in by_device_and_dtype(params):
+                foreach = self.foreach
+                if foreach is None:
+                    foreach = same[0].device.type == "cuda"
+                (self._step_foreach if foreach else self._step_each)(group, same)
         return loss
 
-    def _update(self, p: torch.Tensor, group: dict, beta1: float, beta2: float) -> None:
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
-        t = state["step"]
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
-        v.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
-        step_size = group["lr"]
-        if group["correct_bias"]:
-            step_size *= math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-        p.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
+    def _advance(self, group: dict, params: list[torch.Tensor]) -> tuple[list[dict], list[float]]:
+        """Each parameter's state (made on its first step) with its step count t advanced,
+        and each one's step size alpha. t is per parameter: one that had no gradient on
+        some steps has taken fewer steps than the rest of its group."""
+        states = []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            states.append(state)
+        return states, [step_size(group, state["step"]) for state in states]
+
+    def _step_each(self, group: dict, params: list[torch.Tensor]) -> None:
+        """One parameter at a time. On a CPU the step is bound by memory traffic: running
+        all the operations on one parameter before the next finds it still in cache,
+        whereas a foreach operation (on a CPU, a C++ loop over the tensors) streams every
+        parameter through memory once per operation, measured slower for BERT-base.
+        sqrt(v) + eps goes into one reused buffer, not a fresh temporary per parameter."""
+        beta1, beta2 = group["betas"]
+        states, sizes = self._advance(group, params)
+        scratch = self._scratch_for(params)
+        for p, state, alpha in zip(params, states, sizes):
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            m.mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
+            v.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+            denominator = torch.sqrt(v, out=scratch[:v.numel()].view_as(v)).add_(group["eps"])
+            p.addcdiv_(m, denominator, value=-alpha)
+            if group["weight_decay"] > 0.0:
+                p.mul_(1.0 - group["lr"] * group["weight_decay"])
+
+    def _step_foreach(self, group: dict, params: list[torch.Tensor]) -> None:
+        """The same operations, each over all of `params` (one device and dtype) at once:
+        on CUDA one kernel launch each instead of one per parameter. foreach has no
+        sqrt into a given buffer, so sqrt(v) + eps is one temporary per parameter, which
+        CUDA's caching allocator hands out without a trip to the driver."""
+        beta1, beta2 = group["betas"]
+        states, sizes = self._advance(group, params)
+        grads = [p.grad for p in params]
+        m = [state["exp_avg"] for state in states]
+        v = [state["exp_avg_sq"] for state in states]
+        torch._foreach_mul_(m, beta1)
+        torch._foreach_add_(m, grads, alpha=1.0 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1.0 - beta2)
+        denominators = torch._foreach_sqrt(v)
+        torch._foreach_add_(denominators, group["eps"])
+        torch._foreach_addcdiv_(params, m, denominators, [-alpha for alpha in sizes])
         if group["weight_decay"] > 0.0:
-            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+
+    def _scratch_for(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """A flat buffer of params' device and dtype, as large as the largest of them. It
+        holds nothing from one step to the next, so it is not in the state_dict."""
+        key = (params[0].device, params[0].dtype)
+        size = max(p.numel() for p in params)
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.numel() < size:
+            buffer = self._scratch[key] = torch.empty(size, device=key[0], dtype=key[1])
+        return buffer
+
+
+def step_size(group: dict, t: int) -> float:
+    """alpha at step t; written lr * (ratio), the order the reference computes it in, so
+    that the float rounding is the same."""
+    if not group["correct_bias"]:
+        return group["lr"]
+    beta1, beta2 = group["betas"]
+    return group["lr"] * (math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t))
+
+
+def by_device_and_dtype(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """params split by (device, dtype), in order: a foreach operation runs as one kernel
+    only over tensors that share both, and the scratch buffer has one of each."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault((p.device, p.dtype), []).append(p)
+    return list(groups.values())

@@ -102,6 +102,21 @@ def test_collate_pairs_cross_and_bi(tok, tmp_path):
     assert bi.encoded.token_type_ids.sum() == 0
 
 
+def test_inputs_per_example_counts_a_batch_rows(tok, tmp_path):
+    """eval_batches' token budget counts encoder rows: one per sentence or cross-encoded
+    pair, two per bi-encoded pair."""
+    header = ["id", "sentence1", "sentence2", "similarity"]
+    pairs = read_pairs(write_tsv(tmp_path / "p.csv", header,
+                                 [["a", "hello world", "hello", "1.5"]] * 3), SIMILARITY)
+    single = read_sentences(write_tsv(tmp_path / "s.csv", ["id", "sentence", "sentiment"],
+                                      [["a", "hello", 1]] * 3), SENTIMENT_5)
+    for collate, examples, inputs in [(Collator(tok), single, 1), (Collator(tok), pairs, 1),
+                                      (Collator(tok, separate=True), pairs, 2),
+                                      (Collator(tok, separate=True), single, 1)]:
+        assert collate.inputs_per_example(examples) == inputs
+        assert len(collate(examples).encoded.input_ids) == inputs * len(examples)
+
+
 def test_bucket_sampler_covers_everything_and_groups_lengths():
     lengths = [i % 17 for i in range(200)]
     sampler = BucketBatchSampler(lengths, batch_size=10, seed=3, chunk_batches=5)

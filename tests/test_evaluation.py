@@ -1,4 +1,5 @@
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -66,32 +67,105 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == [path]
 
 
-def test_length_sorted_batches_predict_in_file_order(tiny_checkpoint, tiny_data):
-    """Evaluation batches sentences of similar length; the predictions must still be each
-    example's own, in file order: the same as predicting one example at a time."""
-    import torch
-
-    import evaluation
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint, tiny_data):
+    """The multitask model on the tiny checkpoint, its tasks with their dev sets, its device."""
     from engine import run
     from multitask_classifier import MultitaskConfig, build_tasks
     cfg = MultitaskConfig(checkpoint=tiny_checkpoint, data_dir=tiny_data, max_length=64,
                           progress=False)
     s = run.setup(cfg)
     tasks = build_tasks(cfg, s.tokenizer, s.encoder.config, ("dev",))
-    model = run.build_model(cfg, s.encoder, tasks, s.device)
+    return tasks, run.build_model(cfg, s.encoder, tasks, s.device), s.device
+
+
+def test_length_sorted_batches_predict_in_file_order(tiny_model, monkeypatch):
+    """Evaluation batches sentences of similar length; the predictions must still be each
+    example's own, in file order: the same as predicting one example at a time."""
+    import torch
+
+    import evaluation
+    tasks, model, device = tiny_model
     for task in tasks:
+        monkeypatch.setattr(evaluation, "EVAL_TOKENS", 48)  # several batches of the 24
         batches = evaluation.eval_batches(task, task.examples("dev"))
-        assert sorted(i for b in batches for i in b) == list(range(len(task.examples("dev"))))
-        assert any(b != sorted(b) for b in batches) or len(batches) == 1
-        got = evaluation.predict(model, task, "dev", s.device)
-        one_by_one = evaluation.EVAL_BATCH_SIZE
-        try:
-            evaluation.EVAL_BATCH_SIZE = 1
-            task.batch_size, size = 1, task.batch_size
-            want = evaluation.predict(model, task, "dev", s.device)
-        finally:
-            evaluation.EVAL_BATCH_SIZE, task.batch_size = one_by_one, size
+        lengths = task.collate.lengths(task.examples("dev"))
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        assert [i for b in batches for i in b] == order
+        assert len(batches) > 2
+        got = evaluation.predict(model, task, "dev", device)
+        monkeypatch.setattr(evaluation, "EVAL_TOKENS", 1)  # one example a batch
+        assert max(len(b) for b in evaluation.eval_batches(task, task.examples("dev"))) == 1
+        want = evaluation.predict(model, task, "dev", device)
         assert got.ids == [e.id for e in task.examples("dev")] == want.ids
         assert got.labels == want.labels
         assert torch.allclose(torch.tensor(got.values, dtype=torch.float64),
                               torch.tensor(want.values, dtype=torch.float64), atol=1e-5)
+
+
+def test_sharded_prediction_equals_one_process(tiny_model, monkeypatch):
+    """Two processes each predict every other batch and gather the rows: every example
+    once, in file order, bit for bit what one process predicts (both cut the same
+    batches). The gather is emulated: rank 1 runs first, rank 0 then receives both."""
+    import evaluation
+    tasks, model, device = tiny_model
+    monkeypatch.setattr(evaluation, "EVAL_TOKENS", 48)
+    for task in tasks:
+        assert len(evaluation.eval_batches(task, task.examples("dev"))) > 2
+        whole = evaluation.predict(model, task, "dev", device)
+        rows = {}
+
+        def gather(mine):
+            rows[rank] = mine
+            return [rows[r] for r in sorted(rows)]
+        monkeypatch.setattr(evaluation, "gather_objects", gather)
+        for rank in (1, 0):
+            dist = SimpleNamespace(enabled=True, rank=rank, world_size=2)
+            sharded = evaluation.predict(model, task, "dev", device, dist)
+        assert len(rows[0]) + len(rows[1]) == len(whole.ids) and rows[0] and rows[1]
+        assert (sharded.ids, sharded.values, sharded.labels) == \
+            (whole.ids, whole.values, whole.labels)
+
+
+class LengthsOnly:
+    """A task as eval_batches sees it: its collator's lengths and inputs per example (two
+    for a bi-encoder pair), and its training batch size."""
+
+    def __init__(self, lengths, inputs=1, batch_size=8):
+        self.batch_size = batch_size
+        self.collate = SimpleNamespace(lengths=lambda examples: list(lengths),
+                                       inputs_per_example=lambda examples: inputs)
+
+
+SPREAD = [200 - i for i in range(200)]  # lengths 200 .. 1: length order is not file order
+
+
+@pytest.mark.parametrize("lengths, inputs, batch_size, sizes", [
+    # one length, a large set: as many as 8192 tokens hold (819 x 10)
+    ([10] * 2000, 1, 8, [819, 819, 362]),
+    # a bi-encoder pair is two inputs: half as many
+    ([10] * 2000, 2, 8, [409] * 4 + [364]),
+    # long sentences: the token budget cuts below 64 (40 x 200 = 8000)
+    ([200] * 100, 1, 8, [40, 40, 20]),
+    # spread lengths: 64 (1..64), then padding would pass 5%; 64 (65..128) reach 8192
+    # tokens; then 46 x 174 = 8004; the rest
+    (SPREAD, 1, 8, [64, 64, 46, 26]),
+    # a training batch size above 64 is the least a batch takes
+    ([1 + i // 8 for i in range(400)], 1, 100, [100, 100, 100, 100]),
+    ([1 + i // 8 for i in range(400)], 1, 8, [64] * 6 + [16]),
+    # one example over the budget alone; ties in file order
+    ([5, 9000, 5, 5], 1, 8, [3, 1]),
+    ([], 1, 8, []),
+])
+def test_eval_batches_budget_tokens_and_padding(lengths, inputs, batch_size, sizes):
+    import evaluation
+    task = LengthsOnly(lengths, inputs, batch_size)
+    batches = evaluation.eval_batches(task, [None] * len(lengths))
+    assert [len(b) for b in batches] == sizes
+    # every example once, sorted by length, ties in file order (a stable sort)
+    assert [i for b in batches for i in b] == sorted(range(len(lengths)), key=lengths.__getitem__)
+    least = max(batch_size, evaluation.EVAL_BATCH_SIZE)
+    for b in batches:
+        padded = len(b) * max(lengths[i] for i in b)
+        assert len(b) == 1 or padded * inputs <= evaluation.EVAL_TOKENS
+        assert len(b) <= least or padded - sum(lengths[i] for i in b) <= 0.05 * padded

@@ -108,3 +108,146 @@ def test_skips_parameters_without_gradient():
     p = torch.nn.Parameter(torch.ones(2))
     AdamW([p], lr=0.1, weight_decay=0.5).step()
     assert p.tolist() == [1.0, 1.0]
+
+
+class ReferenceAdamW(torch.optim.Optimizer):
+    """The starter's per-parameter step (this project's optimizer.py before it took a
+    scratch buffer and foreach operations), kept here as the reference it must equal."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+                 correct_bias=True):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      correct_bias=correct_bias))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+                step_size = group["lr"]
+                if group["correct_bias"]:
+                    step_size *= math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+                p.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
+                if group["weight_decay"] > 0.0:
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
+
+
+def random_params(seed=0):
+    """Shapes from a vector to a matrix, one transposed (not contiguous), one of 7
+    elements (not a multiple of a vector width)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(5, generator=g), torch.randn(33, 17, generator=g),
+               torch.randn(16, 48, generator=g).t(), torch.randn(7, generator=g),
+               torch.randn(300, generator=g)]
+    return [torch.nn.Parameter(t.clone()) for t in tensors]
+
+
+def train(opt_cls, params, steps, seed=1, first=0, **kwargs):
+    """`steps` steps on two groups (their own lr and decay, one without bias correction),
+    random gradients; params[3] has none on odd steps, so its own step count falls behind
+    (`first` numbers the steps, so a resumed run continues the same pattern)."""
+    opt = kwargs.pop("opt", None) or opt_cls(
+        [{"params": params[:3], "weight_decay": 0.01},
+         {"params": params[3:], "lr": 3e-3, "correct_bias": False}],
+        lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, **kwargs)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(first, first + steps):
+        for i, p in enumerate(params):
+            p.grad = None if i == 3 and step % 2 else torch.randn(p.shape, generator=g)
+        opt.step()
+    return opt
+
+
+def assert_same_bits(params, opt, ref_params, ref_opt):
+    for p, q in zip(params, ref_params):
+        assert torch.equal(p, q)
+        mine, theirs = opt.state[p], ref_opt.state[q]
+        assert mine.keys() == theirs.keys() == {"step", "exp_avg", "exp_avg_sq"}
+        assert mine["step"] == theirs["step"]
+        assert torch.equal(mine["exp_avg"], theirs["exp_avg"])
+        assert torch.equal(mine["exp_avg_sq"], theirs["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("foreach", [None, False, True])
+def test_steps_equal_the_reference_bitwise(foreach):
+    """Same operations in the same order: the same bits, per parameter or foreach (on a
+    CPU foreach loops over the same kernels), skipped parameters and all."""
+    params, ref_params = random_params(), random_params()
+    opt = train(AdamW, params, 6, foreach=foreach)
+    ref_opt = train(ReferenceAdamW, ref_params, 6)
+    assert opt.state[params[3]]["step"] == 3 and opt.state[params[0]]["step"] == 6
+    assert_same_bits(params, opt, ref_params, ref_opt)
+
+
+@pytest.mark.parametrize("saved_by", [AdamW, ReferenceAdamW])
+def test_state_dict_round_trips(saved_by, tmp_path):
+    """A state saved after 3 steps (by this optimizer, or by the reference's layout that
+    older checkpoints hold), through torch.save/load, continues as if never stopped; the
+    state_dict holds no scratch buffer and no foreach choice."""
+    params = random_params()
+    saved = train(saved_by, params, 3).state_dict()
+    torch.save(saved, tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = AdamW([{"params": resumed[:3]}, {"params": resumed[3:]}])
+    opt.load_state_dict(loaded)
+    train(AdamW, resumed, 3, first=3, opt=opt)
+    straight = random_params()
+    ref_opt = train(ReferenceAdamW, straight, 3)
+    train(ReferenceAdamW, straight, 3, first=3, opt=ref_opt)
+    assert_same_bits(resumed, opt, straight, ref_opt)
+    state = opt.state_dict()
+    reference_groups = ref_opt.state_dict()["param_groups"]
+    assert [g.keys() for g in state["param_groups"]] == [g.keys() for g in reference_groups]
+    assert all(v.keys() == {"step", "exp_avg", "exp_avg_sq"} for v in state["state"].values())
+
+
+def test_cpu_step_allocates_no_temporaries():
+    """After the first step (which makes the state and the scratch buffer) a CPU step only
+    writes into tensors it already has: every operation it runs returns an alias of one
+    of its inputs (in place, out=, or a view). `v.sqrt()` would make one per parameter."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(r.alias_info is None and "Tensor" in str(r.type)
+                   for r in func._schema.returns):
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    params = random_params()
+    opt = train(AdamW, params, 1)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    with Allocations() as seen:
+        opt.step()
+        opt.step()
+    assert seen.ops == []
+
+
+def test_a_deep_copy_steps_like_the_original():
+    """torch's Optimizer pickles only defaults, state and param_groups: the copy must
+    still find its foreach choice and a scratch buffer."""
+    import copy
+    params = random_params()
+    opt = train(AdamW, params, 2, foreach=False)
+    twin_params, twin = copy.deepcopy((params, opt))  # one memo: twin's state keys twin_params
+    assert twin.foreach is False
+    train(AdamW, params, 2, first=2, opt=opt)
+    train(AdamW, twin_params, 2, first=2, opt=twin)
+    assert_same_bits(params, opt, twin_params, twin)
