@@ -54,6 +54,8 @@ class Parts:
 def build_parts(cfg: RunConfig, model: MultitaskBERT, tasks: list[Task], dist: Dist) -> Parts:
     model.to(dist.device)
     model.train_encoder(not cfg.freeze_encoder)
+    if cfg.freeze_word_embeddings:
+        model.encoder.word_embedding.requires_grad_(False)
     streams = {t.name: TrainStream(t.train, t.collate, t.batch_size, cfg.bucket, cfg.seed,
                                    cfg.grad_accumulation, dist.rank, dist.world_size,
                                    pin=dist.device.type == "cuda")
