@@ -68,6 +68,7 @@ def _extras(cfg: MultitaskConfig) -> list[str]:
     if hand_weights(cfg):
         labels.append("weights " + " ".join(f"{n} {w:g}" for n, w in hand_weights(cfg).items()))
     labels += ["aux"] if cfg.aux else []
+    labels += ["frozen word emb."] if cfg.freeze_word_embeddings else []
     # A single-task baseline (--tasks) is its own row, never averaged with the full runs.
     return labels + ([] if is_full(cfg) else ["+".join(task_set(cfg)) + " only"])
 
@@ -84,18 +85,19 @@ def config_name(cfg: dict | MultitaskConfig) -> str:
 def config_slug(cfg: dict | MultitaskConfig) -> str:
     """Filesystem-safe name of a configuration, e.g. 'finetune-mix-pcgrad-0.3'."""
     cfg = settings(cfg)
-    words = [_method(cfg)] + [re.sub(r"[^a-z0-9]+", "-", e.lower()) for e in _extras(cfg)]
+    words = [_method(cfg)] + [re.sub(r"[^a-z0-9]+", "-", e.lower()).strip("-") for e in _extras(cfg)]
     return "-".join(words + [dropout_label(cfg)])
 
 
 def sort_key(cfg: dict | MultitaskConfig) -> tuple:
     """Table 1's row order: pretrain, finetune-seq, finetune-mix, + PCGrad (then the other
-    aggregators, balancings and hand-set weights), + aux."""
+    aggregators, balancings and hand-set weights), + aux; a frozen word embedding after
+    its unfrozen counterpart."""
     cfg = settings(cfg)
     method, balance = cfg.aggregator, cfg.balance
     return (cfg.option != "pretrain", cfg.mode != "seq", bool(cfg.aux),
             method != "sum", method != "pcgrad", method, balance != "none", balance,
-            bool(hand_weights(cfg)), cfg.hidden_dropout_prob)
+            bool(hand_weights(cfg)), cfg.freeze_word_embeddings, cfg.hidden_dropout_prob)
 
 
 # --- loading ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from engine.configs import RunConfig
 from engine.distributed import Dist
 from engine.heads import MultitaskBERT
 from engine.precision import Precision
+from engine.row_gradients import use_row_gradients
 from engine.step import StepContext, make_context
 from engine.tasks import Task
 from optimizer import AdamW
@@ -54,6 +55,9 @@ class Parts:
 def build_parts(cfg: RunConfig, model: MultitaskBERT, tasks: list[Task], dist: Dist) -> Parts:
     model.to(dist.device)
     model.train_encoder(not cfg.freeze_encoder)
+    if cfg.freeze_word_embeddings:
+        model.encoder.word_embedding.requires_grad_(False)
+    use_row_gradients(model.encoder, dist.device, dist.enabled)
     streams = {t.name: TrainStream(t.train, t.collate, t.batch_size, cfg.bucket, cfg.seed,
                                    cfg.grad_accumulation, dist.rank, dist.world_size,
                                    pin=dist.device.type == "cuda")

@@ -72,6 +72,9 @@ class RunConfig:
         "data folder (env MINBERT_DATA_DIR)"))
     max_length: int = field(default=128, metadata=_help(
         "tokens per input, at least 4 and at most the checkpoint's max_position_embeddings"))
+    freeze_word_embeddings: bool = field(default=False, metadata=_help(
+        "keep the encoder's word embedding (vocabulary x hidden, half of MiniLM's "
+        "parameters) at its pretrained values: no gradient and no optimizer update for it"))
     pooling: str = field(default="mean", metadata=_help(
         "sentence vector for the linear heads", choices=list(POOLINGS)))
     bucket: bool = field(default=True, metadata=_help("length-bucketed training batches"))

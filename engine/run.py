@@ -167,8 +167,11 @@ def resume_config(cls, given: dict, script: str) -> RunConfig:
     cfg = cls.from_saved(saved, **{k: v for k, v in given.items() if k in HARMLESS_ON_RESUME})
     # as _train records it: the settings the run will use (paths resolved, unknown keys dropped)
     now = {**cfg.as_dict(), "world_size": saved.get("world_size", 1)}
-    check_unchanged(folder, load_checkpoint(os.path.join(folder, LAST_FILE), mmap=True)
-                    .get(FINGERPRINT), now, HARMLESS_ON_RESUME)
+    recorded = load_checkpoint(os.path.join(folder, LAST_FILE), mmap=True).get(FINGERPRINT)
+    if recorded:  # a setting the run predates counts as its default, as grid.py reads it
+        recorded = {**recorded, "config": {**cls.from_saved(recorded["config"]).as_dict(),
+                                           "world_size": recorded["config"].get("world_size", 1)}}
+    check_unchanged(folder, recorded, now, HARMLESS_ON_RESUME)
     return cfg
 
 

@@ -251,3 +251,26 @@ def test_a_deep_copy_steps_like_the_original():
     train(AdamW, params, 2, first=2, opt=opt)
     train(AdamW, twin_params, 2, first=2, opt=twin)
     assert_same_bits(params, opt, twin_params, twin)
+def test_the_reused_denominator_changes_no_number():
+    """sqrt(v) + eps goes into one scratch tensor sized by the largest parameter and shared
+    by all (a smaller one after it reuses its start): the updates stay those of the formula
+    with fresh temporaries, bit for bit."""
+    shapes = [(3,), (50, 7), (4, 4)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    by_formula = [p.detach().clone() for p in params]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in by_formula]
+    opt = AdamW(params, lr=0.1, betas=(0.9, 0.999), eps=1e-3, weight_decay=0.1)
+    for t in range(1, 5):
+        grads = [torch.randn(s) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        step = 0.1 * math.sqrt(1.0 - 0.999 ** t) / (1.0 - 0.9 ** t)
+        for p, (m, v), g in zip(by_formula, moments, grads):
+            m.mul_(0.9).add_(g, alpha=1.0 - 0.9)
+            v.mul_(0.999).addcmul_(g, g, value=1.0 - 0.999)
+            p.addcdiv_(m, v.sqrt().add_(1e-3), value=-step)
+            p.mul_(1.0 - 0.1 * 0.1)
+        for p, expected in zip(params, by_formula):
+            assert torch.equal(p.detach().view(torch.int32), expected.view(torch.int32)), t
+    assert [s.numel() for s in opt._scratch.values()] == [350]

@@ -68,7 +68,9 @@ def test_config_names_and_slugs():
              (dict(MIX, aux="data/yelp-aux-train.csv"), "finetune-mix + aux (0.3)",
               "finetune-mix-aux-0.3"),
              (dict(MIX, tasks="quora,sts"), "finetune-mix + quora+sts only (0.3)",
-              "finetune-mix-quora-sts-only-0.3")]
+              "finetune-mix-quora-sts-only-0.3"),
+             (dict(PCGRAD, freeze_word_embeddings=True), "finetune-mix + PCGrad + frozen word emb. (0.3)",
+              "finetune-mix-pcgrad-frozen-word-emb-0.3")]
     for cfg, name, slug in cases:
         assert results.config_name(cfg) == name
         assert results.config_slug(cfg) == slug

@@ -88,6 +88,16 @@ def test_killed_run_resumes_to_the_same_result(tiny_checkpoint, tiny_data, tmp_p
     assert_same_run(str(run_dir), reference[mode])
 
 
+def test_a_run_with_frozen_word_embeddings_resumes_exactly(tiny_checkpoint, tiny_data, tmp_path):
+    flags = [*EXTRA, "--pcgrad", "--weight_decay", "0.1", "--freeze_word_embeddings"]
+    reference = mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "reference", *flags))
+    run_dir = tmp_path / "run"
+    done = killed("multitask", run_args(tiny_checkpoint, tiny_data, run_dir, *flags), 3)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    mtc.main(["--resume", str(run_dir), "--no-progress"])
+    assert_same_run(str(run_dir), reference)
+
+
 def test_sigterm_saves_and_says_how_to_resume(tiny_checkpoint, tiny_data, tmp_path, reference):
     run_dir = tmp_path / "run"
     argv = run_args(tiny_checkpoint, tiny_data, run_dir, *EXTRA, *MODES["mix-pcgrad"])

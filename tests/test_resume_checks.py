@@ -13,7 +13,7 @@ import classifier
 import export
 import multitask_classifier as mtc
 import predict
-from engine import trainer
+from engine import run, trainer
 from engine.errors import ConfigError, UserError
 from evaluation import read_predictions
 
@@ -204,3 +204,19 @@ def test_best_pt_predicts_after_the_checkpoint_folder_is_moved(tiny_checkpoint, 
     out = export.main(["--load", best, "--out", str(tmp_path / "hf")])
     assert read(os.path.join(out, "vocab.txt")) == original_vocab
     assert json.loads(read(os.path.join(out, "tokenizer_config.json")))["do_lower_case"] is False
+
+
+def test_a_setting_added_after_the_save_counts_as_its_default(tiny_checkpoint, tiny_data,
+                                                              tmp_path, monkeypatch):
+    """A last.pt saved before a config field existed (its fingerprint lacks the key) still
+    resumes when the field keeps its default; a hand-edited value is still refused."""
+    import torch
+    from engine.fingerprint import FINGERPRINT
+    run_dir = tmp_path / "run"
+    interrupted(monkeypatch, mtc.main, run_args(tiny_checkpoint, tiny_data, run_dir), saves=1)
+    last = run_dir / "last.pt"
+    saved = torch.load(last, weights_only=True)
+    del saved[FINGERPRINT]["config"]["freeze_word_embeddings"]  # as an older version saved it
+    torch.save(saved, last)
+    cfg = run.resume_config(mtc.MultitaskConfig, {"resume": str(run_dir)}, mtc.SCRIPT)
+    assert cfg.freeze_word_embeddings is False

@@ -191,6 +191,22 @@ def test_pooler_trains_only_when_a_head_reads_it(tiny_checkpoint, tiny_data, tmp
                            original["bert_layers.0.out_dense.weight"])
 
 
+@pytest.mark.parametrize("extra", [["--pcgrad"], ["--grad_diagnostics_every", "2"]],
+                         ids=["pcgrad", "sum"])
+def test_freeze_word_embeddings_freezes_that_parameter_only(tiny_checkpoint, tiny_data, tmp_path,
+                                                            extra):
+    """Even under weight decay: a frozen parameter gets no AdamW pass at all."""
+    run_dir = mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "run", "--epochs", "1",
+                                "--weight_decay", "0.1", "--freeze_word_embeddings", *extra))
+    assert json.load(open(os.path.join(run_dir, "config.json")))["freeze_word_embeddings"] is True
+    saved = torch.load(os.path.join(run_dir, "best.pt"), weights_only=True)["model"]
+    from base_bert import from_pretrained
+    original = from_pretrained(tiny_checkpoint).state_dict()
+    frozen = {"word_embedding.weight", "pooler_dense.weight", "pooler_dense.bias"}  # the pooler: unread
+    for name, tensor in original.items():
+        assert torch.equal(saved[f"encoder.{name}"], tensor) == (name in frozen), name
+
+
 def test_heads_get_their_own_learning_rate_on_the_shared_schedule():
     from engine.build import make_optimizer
     encoder, head = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
