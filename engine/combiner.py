@@ -51,10 +51,8 @@ class Combiner:
             return self if self.buffer is not None else None
         return self if (global_step + 1) % self.spec.diagnostics_every == 0 else None
 
-    def backward(self, k: int, loss: torch.Tensor, accumulate: bool = False,
-                 retain_graph: bool = False) -> None:
-        """`retain_graph`: the tasks' losses share one forward graph and more passes follow."""
-        self.buffer.backward(k, loss, accumulate=accumulate, retain_graph=retain_graph)
+    def backward(self, k: int, loss: torch.Tensor, accumulate: bool = False) -> None:
+        self.buffer.backward(k, loss, accumulate=accumulate)
 
     def combine(self, losses: Sequence[float], grad_scale: float = 1.0) -> torch.Tensor:
         """The weighted sum of the rows as the shared gradients; returns the Gram matrix

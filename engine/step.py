@@ -33,8 +33,9 @@ class TaskLosses(nn.Module):
         self.tasks = {t.name: t for t in tasks}  # a plain dict: the heads are registered in `model`
         self.packed = packed  # one encoder pass for all the tasks (MultitaskBERT.forward_many)
 
-    def forward(self, names: list[str], batches: list) -> list[torch.Tensor]:
-        outputs = (self.model.forward_many(names, batches) if self.packed else
+    def forward(self, names: list[str], batches: list, per_task: bool = False) -> list[torch.Tensor]:
+        """`per_task`: one encoder pass per task even when packed (the combiner's steps)."""
+        outputs = (self.model.forward_many(names, batches) if self.packed and not per_task else
                    [self.model(n, b) for n, b in zip(names, batches)])
         return [self.tasks[n].loss(out, b.labels) for n, out, b in zip(names, outputs, batches)]
 
@@ -153,16 +154,16 @@ def backward_all(ctx: StepContext, names: list[str], drawn: list,
         batches = [drawn[k][0][i - count + len(drawn[k][0])].to(ctx.dist.device) for k in here]
         scales = [micro_scale(len(b), drawn[k][1], world) for k, b in zip(here, batches)]
         with ctx.sync(last=i == count - 1):
-            module = ctx.local if combiner is not None else ctx.losses
-            losses = [loss if scale == 1.0 else loss * scale for loss, scale in
-                      zip(module([names[k] for k in here], batches), scales)]
+            # A combiner needs each task's gradient apart: per-task passes, since a backward
+            # from one task's loss through a packed pass would run over every task's tokens.
+            found = (ctx.local([names[k] for k in here], batches, per_task=True)
+                     if combiner is not None else ctx.losses([names[k] for k in here], batches))
+            losses = [loss if scale == 1.0 else loss * scale for loss, scale in zip(found, scales)]
             for k, loss in zip(here, losses):
                 shares[k] += loss.item()
             if combiner is None:
                 ctx.scale(torch.stack(losses).sum()).backward()
                 continue
-            for j, (k, loss) in enumerate(zip(here, losses)):
-                # one packed forward: every task's backward but the last keeps the graph
-                combiner.backward(k, ctx.scale(loss), accumulate=i > count - len(drawn[k][0]),
-                                  retain_graph=ctx.local.packed and j < len(here) - 1)
+            for k, loss in zip(here, losses):
+                combiner.backward(k, ctx.scale(loss), accumulate=i > count - len(drawn[k][0]))
     return shares

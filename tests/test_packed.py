@@ -136,8 +136,9 @@ def one_step(model, tasks, drawn, packed: bool, aggregator: str | None):
 
 @pytest.mark.parametrize("aggregator", [None, "pcgrad", "sum"])
 def test_packed_step_equals_the_per_task_step(step_setup, aggregator):
-    """Two micro-batches per task (accumulated), the plain summed backward or per-task
-    backward passes (retain_graph through the shared packed graph)."""
+    """Two micro-batches per task (accumulated), the plain summed backward (packed) or the
+    combiner's per-task backward passes (a packed run takes those per task: exactly the
+    unpacked step)."""
     model, tasks, drawn = step_setup
     values, gram, grads = one_step(model, tasks, drawn, True, aggregator)
     ref_values, ref_gram, ref_grads = one_step(copy.deepcopy(model), tasks, drawn, False, aggregator)
@@ -148,3 +149,13 @@ def test_packed_step_equals_the_per_task_step(step_setup, aggregator):
     scale = max(g.abs().max().item() for g in ref_grads.values())
     for name in grads:
         close(grads[name], ref_grads[name], name, scale)
+
+
+def test_a_combiner_step_of_a_packed_run_is_the_per_task_step_bitwise(step_setup):
+    """Each task's gradient apart needs its own graph: a packed run's combiner steps run one
+    pass per task, so their numbers are the unpacked step's exactly."""
+    model, tasks, drawn = step_setup
+    values, gram, grads = one_step(model, tasks, drawn, True, "pcgrad")
+    ref_values, ref_gram, ref_grads = one_step(copy.deepcopy(model), tasks, drawn, False, "pcgrad")
+    assert values == ref_values and torch.equal(gram, ref_gram)
+    assert all(torch.equal(grads[name], ref_grads[name]) for name in grads)
