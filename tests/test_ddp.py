@@ -4,6 +4,7 @@ scripts, and gradient accumulation in one process. With dropout off and fp32,
 2b: the same examples make the same update (sharding.py)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -42,11 +43,23 @@ def args(checkpoint, data, run_dir, batch, *extra):
             *(f"--batch_size_{t}={batch}" for t in ("sst", "quora", "sts")), *extra]
 
 
+# Seen twice in ~10 suite runs, never when these tests run alone (0 of 12 tries, 8 of them
+# beside a busy process): a gloo rank aborting with this C++ message and no
+# Python traceback. A fresh start of the same command is then run once more, in a clean
+# folder; every assertion is still made on that run's outputs.
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def torchrun(argv, processes=2, script=("multitask_classifier.py",), **env):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **env}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={processes}", os.path.join(ROOT, script[0]),
-                           *script[1:], *argv], capture_output=True, text=True, env=env, timeout=300)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={processes}", os.path.join(ROOT, script[0]), *script[1:], *argv]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    if done.returncode and GLOO_ABORT in done.stderr and "--run_dir" in argv \
+            and "KILL_AFTER_SAVES" not in env:
+        shutil.rmtree(argv[argv.index("--run_dir") + 1], ignore_errors=True)
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    return done
 
 
 def weights(run_dir):
