@@ -13,6 +13,7 @@ import torch
 import classifier
 import export
 import grid
+from engine import grid_rows
 import multitask_classifier as mtc
 import predict
 import report
@@ -298,10 +299,10 @@ def test_grid_refuses_in_extra_every_flag_it_passes(tmp_path):
     opts = grid.GridOptions(subsample=10, finetune_lr=1e-4, pretrain_lr=1e-3,
                             checkpoint="ckpt", data_dir="data", aux="aux.csv")
     passed = set()
-    for row in grid.table1_rows("aux.csv") + grid.methods_rows():
+    for row in grid_rows.table1_rows("aux.csv") + grid_rows.methods_rows():
         argv = grid.trainer_argv(row, 3, str(tmp_path / "r"), opts)
         passed |= {a[2:] for a in argv if a.startswith("--")}
-    assert passed <= set(grid.GRID_FLAGS), passed - set(grid.GRID_FLAGS)
+    assert passed <= set(grid_rows.GRID_FLAGS), passed - set(grid_rows.GRID_FLAGS)
 
 
 def test_report_names_the_runs_without_a_finished_epoch_and_reports_the_rest(tmp_path, capsys):

@@ -8,6 +8,7 @@ from dataclasses import asdict
 import pytest
 
 import grid
+from engine import grid_rows
 from analysis import results
 from engine.cli import run_cli
 from engine.errors import ConfigError
@@ -186,12 +187,12 @@ def test_a_run_that_saved_its_paths_relative_is_still_the_same_run(tmp_path, mon
 
 
 def test_unknown_row_lists_the_known_ones():
-    rows = grid.table1_rows("aux.csv")
+    rows = grid_rows.table1_rows("aux.csv")
     with pytest.raises(ConfigError, match="finetune-mix-pcgrad-0.3"):
-        grid.select_rows(rows, "finetune-mix-0.7")
-    assert [results.config_slug(r) for r in grid.select_rows(rows, "all")][:2] == [
+        grid_rows.select_rows(rows, "finetune-mix-0.7")
+    assert [results.config_slug(r) for r in grid_rows.select_rows(rows, "all")][:2] == [
         "pretrain-0.3", "finetune-seq-0.3"]
-    assert len(grid.select_rows(rows, "pretrain-0.3 finetune-seq-0.3")) == 2
+    assert len(grid_rows.select_rows(rows, "pretrain-0.3 finetune-seq-0.3")) == 2
 
 
 # --- --print_commands and --jobs ---------------------------------------------------------
@@ -249,7 +250,7 @@ def test_print_commands_parse_back_to_the_runs_still_to_do(tmp_path, capsys):
     grid.main(base + ["--print_commands"], runner=refuse)
     lines = capsys.readouterr().out.splitlines()
     opts = grid.parse_options(base)
-    rows = grid.grid_rows(opts.rows, "")
+    rows = grid_rows.grid_rows(opts.rows, "")
     expected = [[sys.executable, grid.TRAINER] + grid.trainer_argv(
         row, seed, os.path.join(runs, f"{results.config_slug(row)}-seed{seed}"), opts)
         for seed in (0, 1) for row in rows]
