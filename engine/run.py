@@ -90,8 +90,6 @@ def _train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str, dist: 
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
     tasks = make_tasks(cfg, s.tokenizer, s.encoder.config, SPLITS)
     parts = build_parts(cfg, build_model(cfg, s.encoder, tasks, s.device), tasks, dist)
-    if cfg.tensorboard:  # before the run folder: a refused run leaves none
-        on_main(dist, require_tensorboard)
     # Only rank 0 makes, locks (for the run's whole life) and writes the folder.
     saved_config = {**cfg.as_dict(), "world_size": dist.world_size}  # config.json
     claim = claim_training_dir(

@@ -12,7 +12,6 @@ import torch
 
 from engine.errors import UserError
 from engine.distributed import gather_objects
-from engine.fingerprint import FINGERPRINT
 from utils import load_checkpoint, save_checkpoint
 
 STATE_FORMAT = 1
