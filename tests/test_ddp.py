@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -43,9 +44,9 @@ def args(checkpoint, data, run_dir, batch, *extra):
             *(f"--batch_size_{t}={batch}" for t in ("sst", "quora", "sts")), *extra]
 
 
-# Seen twice in ~10 suite runs, never when these tests run alone (0 of 12 tries, 8 of them
+# Seen in 3 of ~12 suite runs, never when these tests run alone (0 of 13 tries, 8 of them
 # beside a busy process): a gloo rank aborting with this C++ message and no
-# Python traceback. A fresh start of the same command is then run once more, in a clean
+# Python traceback. The same command is then started again (twice at most), in a clean
 # folder; every assertion is still made on that run's outputs.
 GLOO_ABORT = "terminate called without an active exception"
 
@@ -55,11 +56,19 @@ def torchrun(argv, processes=2, script=("multitask_classifier.py",), **env):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={processes}", os.path.join(ROOT, script[0]), *script[1:], *argv]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    if done.returncode and GLOO_ABORT in done.stderr and "--run_dir" in argv \
-            and "KILL_AFTER_SAVES" not in env:
+    for _ in range(2):  # at most two more starts, a few seconds apart
+        if not (done.returncode and GLOO_ABORT in done.stderr and "--run_dir" in argv
+                and "KILL_AFTER_SAVES" not in env):
+            break
+        time.sleep(5)
         shutil.rmtree(argv[argv.index("--run_dir") + 1], ignore_errors=True)
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     return done
+
+
+def failure(done) -> str:
+    """What a failed torchrun said: its start (the ranks' own lines) and its end."""
+    return done.stderr[:2500] + "\n...\n" + done.stderr[-2500:]
 
 
 def weights(run_dir):
@@ -88,7 +97,7 @@ def runs(still_checkpoint, tiny_data, tmp_path_factory):
     for method, extra in METHODS.items():
         two, one = root / f"{method}-2x3", root / f"{method}-1x6"
         done = torchrun(args(still_checkpoint, tiny_data, two, 3, *extra))
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, failure(done)
         mtc.main(args(still_checkpoint, tiny_data, one, 6, *extra))
         found[method] = (str(two), str(one), done)
     return found
