@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 
 from engine.cli import parse_config, run_cli
+from analysis.ablation import ablation, format_ablation
 from analysis.compare import compare, format_comparison
 from analysis.plots import plot_forest, remove_stale, write_plots
 from analysis.results import LABELS, METRICS, Run, config_slug, find_runs, group_runs, metric_value
@@ -162,19 +163,36 @@ def write_comparison(comparison: dict, out: str) -> list[str]:
     return written
 
 
+def write_ablation(result: dict, out: str) -> list[str]:
+    """ablation.md / ablation.json (analysis/ablation.py's result)."""
+    md, js = os.path.join(out, "ablation.md"), os.path.join(out, "ablation.json")
+    text = format_ablation(result)
+    atomic_write(md, lambda f: f.write(text))
+    write_json(js, result)
+    print(text)
+    return [md, js]
+
+
 @dataclass
 class ReportConfig:
     runs_root: str = field(default="runs/grid", metadata={
         "positional": True, "help": "folder searched (recursively) for run folders"})
     out: str = field(default="", metadata={"help": "output folder; empty: RUNS_ROOT/report"})
+    ablation_base: str = field(default="", metadata={
+        "help": "also write ablation.md/.json: every row (run folders named <row>-seed<N>, as "
+                "grid.py --rows names them) against this base row, paired by seed"})
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(ReportConfig, argv, description=__doc__)
     if not os.path.isdir(cfg.runs_root):
         raise ResultsError(f"{cfg.runs_root}: no such folder")
+    # an unknown base row is refused before anything is written
+    rows = ablation(find_runs(cfg.runs_root), cfg.ablation_base) if cfg.ablation_base else None
     result = write_report(cfg.runs_root, cfg.out or None)
     print(result["table_md"])
+    if rows is not None:
+        result["files"] += write_ablation(rows, cfg.out or os.path.join(cfg.runs_root, "report"))
     for path in result["files"]:
         print(f"wrote {path}")
 
