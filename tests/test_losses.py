@@ -291,3 +291,15 @@ def test_a_run_saved_before_these_options_resumes(tiny_checkpoint, tiny_data, tm
     torch.save(last, run_dir / "last.pt")
     mtc.main(["--resume", str(run_dir), "--no-progress"])
     assert os.path.exists(run_dir / "summary.json")
+
+
+def test_runs_with_these_options_are_rows_of_their_own():
+    from analysis.results import config_name, config_slug
+    plain = mtc.MultitaskConfig().as_dict()
+    assert config_name(plain) == "finetune-mix (0.3)"
+    changed = {**plain, "rdrop": 1.0, "rdrop_tasks": "sst", "sts_loss": "cosent",
+               "label_smoothing": 0.1, "layer_decay": 0.8}
+    assert config_name(changed) == ("finetune-mix + R-Drop 1 (sst) + cosent STS loss + label "
+                                    "smoothing 0.1 (sst) + layer decay 0.8 (0.3)")
+    assert config_slug(changed) == ("finetune-mix-r-drop-1-sst-cosent-sts-loss-label-smoothing-"
+                                    "0-1-sst-layer-decay-0-8-0.3")
