@@ -13,6 +13,7 @@ from datasets import subsample
 from engine import run
 from engine.cli import explicit_options, parse_config, run_cli
 from engine.configs import MultitaskConfig
+from engine.losses import configure_losses
 from engine.specs import AUX, SPECS
 from engine.tasks import Task, build_task
 from evaluation import format_results
@@ -31,6 +32,7 @@ def build_tasks(cfg: MultitaskConfig, tokenizer, bert_config, splits=run.SPLITS)
              for spec in specs]
     for i, task in enumerate(tasks):
         task.train = subsample(task.train, cfg.subsample, cfg.seed + i)
+    configure_losses(cfg, tasks)  # --label_smoothing, --sts_loss, --rdrop
     return tasks
 
 

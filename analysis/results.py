@@ -69,8 +69,19 @@ def _extras(cfg: MultitaskConfig) -> list[str]:
         labels.append("weights " + " ".join(f"{n} {w:g}" for n, w in hand_weights(cfg).items()))
     labels += ["aux"] if cfg.aux else []
     labels += ["frozen word emb."] if cfg.freeze_word_embeddings else []
+    labels += _loss_labels(cfg)
     # A single-task baseline (--tasks) is its own row, never averaged with the full runs.
     return labels + ([] if is_full(cfg) else ["+".join(task_set(cfg)) + " only"])
+
+
+def _loss_labels(cfg: MultitaskConfig) -> list[str]:
+    """--rdrop, --sts_loss, --label_smoothing, --layer_decay away from their defaults: such
+    a run is a row of its own, never averaged with the plain one."""
+    labels = [f"R-Drop {cfg.rdrop:g} ({'+'.join(cfg.rdrop_task_names)})"] if cfg.rdrop else []
+    labels += [f"{cfg.sts_loss} STS loss"] if cfg.sts_loss != "mse" else []
+    if cfg.label_smoothing:
+        labels.append(f"label smoothing {cfg.label_smoothing:g} ({'+'.join(cfg.smoothed_task_names)})")
+    return labels + ([f"layer decay {cfg.layer_decay:g}"] if cfg.layer_decay != 1.0 else [])
 
 
 def config_name(cfg: dict | MultitaskConfig) -> str:

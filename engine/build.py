@@ -13,6 +13,7 @@ from engine.combiner import Combiner
 from engine.configs import RunConfig
 from engine.distributed import Dist
 from engine.heads import MultitaskBERT
+from engine.layer_decay import layer_groups
 from engine.precision import Precision
 from engine.row_gradients import use_row_gradients
 from engine.step import StepContext, make_context
@@ -20,11 +21,17 @@ from engine.tasks import Task
 from optimizer import AdamW
 
 
-def make_optimizer(encoder_params, head_params, cfg: RunConfig, total_steps: int):
+def make_optimizer(encoder_params, head_params, cfg: RunConfig, total_steps: int,
+                   encoder: torch.nn.Module | None = None):
     """AdamW with the encoder at lr and the freshly initialised heads at head_lr (or lr),
-    both on one warmup/decay schedule."""
-    groups = [{"params": [p for p in params if p.requires_grad], "lr": lr}
-              for params, lr in ((encoder_params, cfg.lr), (head_params, cfg.head_lr or cfg.lr))]
+    all on one warmup/decay schedule. --layer_decay: a group per layer of `encoder` (the
+    module of encoder_params), see layer_decay.py."""
+    if cfg.layer_decay != 1.0:
+        groups = layer_groups(encoder, encoder_params, head_params, cfg.lr,
+                              cfg.head_lr or cfg.lr, cfg.layer_decay)
+    else:
+        groups = [{"params": [p for p in params if p.requires_grad], "lr": lr}
+                  for params, lr in ((encoder_params, cfg.lr), (head_params, cfg.head_lr or cfg.lr))]
     optimizer = AdamW([g for g in groups if g["params"]], lr=cfg.lr,
                       weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total_steps)
@@ -67,14 +74,15 @@ def build_parts(cfg: RunConfig, model: MultitaskBERT, tasks: list[Task], dist: D
     if cfg.mode == "mix":
         steps = max(len(s) for s in streams.values())
         optimizers = {"mix": make_optimizer(encoder_params, model.heads.parameters(), cfg,
-                                            cfg.epochs * steps)}
+                                            cfg.epochs * steps, model.encoder)}
         combiner = Combiner.build(cfg.combination(), [p for p in encoder_params if p.requires_grad],
                                   len(tasks), cfg.seed, dist, cfg.grad_accumulation,
                                   sparse_rows=[model.encoder.word_embedding.weight])
     else:
         steps = 0
         optimizers = {t.name: make_optimizer(encoder_params, t.head.parameters(), cfg,
-                                             cfg.epochs * len(streams[t.name])) for t in tasks}
+                                             cfg.epochs * len(streams[t.name]), model.encoder)
+                      for t in tasks}
     ctx = make_context(model, tasks, dist, model.precision, find_unused=cfg.mode == "seq",
                        combined=combiner.params if combiner is not None else [], packed=cfg.packed)
     return Parts(model, tasks, streams, optimizers, steps, combiner, ctx, model.precision)

@@ -12,7 +12,7 @@ from typing import ClassVar
 from engine.cli import SEED_RANGE, check_ranges
 from engine.errors import ConfigError
 from engine.names import (AGGREGATORS, BALANCERS, ENCODINGS, MODES, OPTIONS, PCGRAD_REDUCTIONS,
-                          POOLINGS, PRECISIONS, SCHEDULERS)
+                          POOLINGS, PRECISIONS, SCHEDULERS, STS_LOSSES)
 from engine.paths import check_kind
 from engine.specs import AUX, CLASSIFIER_TASKS, TASK_NAMES, canonical_tasks
 
@@ -75,6 +75,10 @@ class RunConfig:
     freeze_word_embeddings: bool = field(default=False, metadata=_help(
         "keep the encoder's word embedding (vocabulary x hidden, half of MiniLM's "
         "parameters) at its pretrained values: no gradient and no optimizer update for it"))
+    layer_decay: float = field(default=1.0, metadata=_help(
+        "layer-wise lr decay D in (0, 1] (ELECTRA, BEiT): encoder layer l of L gets lr * "
+        "D^(L - l), the embeddings lr * D^L, the pooler and the heads the head lr; 1: off. "
+        "Costs nothing (one optimizer group per layer)"))
     pooling: str = field(default="mean", metadata=_help(
         "sentence vector for the linear heads", choices=list(POOLINGS)))
     bucket: bool = field(default=True, metadata=_help("length-bucketed training batches"))
@@ -123,6 +127,8 @@ class RunConfig:
         self.check_number("weight_decay", self.weight_decay, low=0.0)
         self.check_number("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
         self.check_number("hidden_dropout_prob", self.hidden_dropout_prob, low=0.0, high=1.0)
+        if not 0.0 < self.layer_decay <= 1.0:  # also refuses NaN
+            raise ConfigError(f"--layer_decay must be in (0, 1], got {self.layer_decay}")
         check_ranges(self)  # max_length >= 4: [CLS] a [SEP] b [SEP]
 
     @staticmethod
@@ -188,6 +194,29 @@ class MultitaskConfig(RunConfig):
     weight_quora: float = 1.0
     weight_sts: float = 1.0
     weight_aux: float = 1.0
+    rdrop: float = field(default=0.0, metadata=_help(
+        "R-Drop's alpha (0: off): each chosen task's batch runs twice with independent "
+        "dropout; its loss is the mean of the two losses + alpha * the symmetric KL of the two "
+        "predicted distributions (SST, aux; Quora as Bernoulli) or alpha * the MSE of the two "
+        "predicted scores (STS). Costs a second forward and backward over the chosen tasks' "
+        "sequences: about their share of a step's tokens extra (default batch sizes, full "
+        "data: SST 23%%, Quora 57%%, STS 20%%; all three: 2x)"))
+    rdrop_tasks: str = field(default="", metadata=_help(
+        "the tasks R-Drop applies to (comma-separated; empty: every trained task, aux "
+        "included)"))
+    sts_loss: str = field(default="mse", metadata=_help(
+        "the STS training loss: mse (today's: the predicted score against the 0-5 label) or "
+        "cosent (CoSENT: "
+        "log(1 + sum over the batch's pairs i, j with label_i > label_j of "
+        "exp(20 (cos_j - cos_i))), a ranking loss; needs --sts_encoding bi). Predictions "
+        "stay 5 cos clamped to [0, 5]. Costs nothing measurable", choices=list(STS_LOSSES)))
+    label_smoothing: float = field(default=0.0, metadata=_help(
+        "label smoothing eps in [0, 1) of the classification losses of "
+        "--label_smoothing_tasks (Quora's one-logit loss: target y (1 - eps) + eps / 2, "
+        "the same as 2-class smoothing); 0: off. Costs nothing"))
+    label_smoothing_tasks: str = field(default="sst", metadata=_help(
+        "the tasks --label_smoothing applies to (comma-separated, of sst, quora, aux; "
+        "empty: every trained one of them)"))
     subsample: int = field(default=0, metadata=_help(
         "train on at most N examples per task (0: all), for quick budgets"))
     grad_diagnostics: bool = field(default=True, metadata=_help(
@@ -228,10 +257,49 @@ class MultitaskConfig(RunConfig):
                               f"got {self.seq_order!r}")
         for name in self.all_task_names:
             self.check_number(f"weight_{name}", self.weight(name), low=0.0)
+        self.check_loss_options()
 
     @property
     def task_names(self) -> tuple[str, ...]:
         return canonical_tasks(self.tasks.split(","))
+
+    @property
+    def trained_task_names(self) -> tuple[str, ...]:
+        return self.task_names + ((AUX.name,) if self.aux else ())
+
+    @property
+    def rdrop_task_names(self) -> tuple[str, ...]:
+        """The tasks R-Drop applies to (none when off; all trained ones when unlisted)."""
+        return (self.listed("rdrop_tasks") or self.trained_task_names) if self.rdrop else ()
+
+    @property
+    def smoothed_task_names(self) -> tuple[str, ...]:
+        """The tasks label smoothing applies to (none when off; all trained classification
+        ones when unlisted)."""
+        every = tuple(n for n in self.trained_task_names if n != "sts")
+        return (self.listed("label_smoothing_tasks") or every) if self.label_smoothing else ()
+
+    def listed(self, flag: str) -> tuple[str, ...]:
+        return tuple(getattr(self, flag).split(",")) if getattr(self, flag) else ()
+
+    def check_loss_options(self) -> None:
+        """--rdrop, --sts_loss, --label_smoothing: each names only tasks it can act on."""
+        self.check_number("rdrop", self.rdrop, low=0.0)
+        self.check_number("label_smoothing", self.label_smoothing, low=0.0, high=1.0)
+        trained = self.trained_task_names
+        for flag, on in (("rdrop_tasks", self.rdrop), ("label_smoothing_tasks", self.label_smoothing)):
+            # an option that is off may name a task this run lacks, not a task that is none
+            known = trained if on else self.all_task_names
+            wrong = [n for n in self.listed(flag) if n not in known]
+            if wrong:
+                raise ConfigError(f"--{flag} names {', '.join(wrong)}, not among the "
+                                  f"{'trained ' if on else ''}tasks ({', '.join(known)})")
+        if "sts" in self.smoothed_task_names:
+            raise ConfigError("--label_smoothing_tasks: sts is a regression task, it has no "
+                              "class distribution to smooth")
+        if self.sts_loss == "cosent" and (self.sts_encoding != "bi" or "sts" not in trained):
+            raise ConfigError("--sts_loss cosent needs the STS bi-encoder (its cosine "
+                              "score): --sts_encoding bi, with sts among --tasks")
 
     @property
     def all_task_names(self) -> tuple[str, ...]:

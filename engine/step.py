@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from engine import distributed
 from engine.distributed import Dist
 from engine.combiner import Combiner
+from engine.losses import doubled, fold
 from engine.precision import Precision
 from engine.sharding import micro_scale
 from engine.tasks import Task
@@ -34,10 +35,12 @@ class TaskLosses(nn.Module):
         self.packed = packed  # one encoder pass for all the tasks (MultitaskBERT.forward_many)
 
     def forward(self, names: list[str], batches: list, per_task: bool = False) -> list[torch.Tensor]:
-        """`per_task`: one encoder pass per task even when packed (the combiner's steps)."""
-        outputs = (self.model.forward_many(names, batches) if self.packed and not per_task else
-                   [self.model(n, b) for n, b in zip(names, batches)])
-        return [self.tasks[n].loss(out, b.labels) for n, out, b in zip(names, outputs, batches)]
+        """`per_task`: one encoder pass per task even when packed (the combiner's steps).
+        R-Drop's tasks run twice: their batches again in the same pass (losses.doubled)."""
+        run_names, run_batches = doubled(self.tasks, names, batches)
+        outputs = (self.model.forward_many(run_names, run_batches) if self.packed and not per_task
+                   else [self.model(n, b) for n, b in zip(run_names, run_batches)])
+        return fold(self.tasks, names, outputs, batches)
 
 
 @dataclass

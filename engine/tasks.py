@@ -62,13 +62,16 @@ class Task:
     test: list[Example] = field(default_factory=list)
     weight: float = 1.0
     train_file: str = ""  # the file `train` was read from (last.pt records its digest)
+    # training-loss options (engine/losses.py): a replacement loss and R-Drop's alpha
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    rdrop: float = 0.0
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.weight * KINDS[self.spec.kind].loss(output, labels)
+        return self.weight * (self.loss_fn or KINDS[self.spec.kind].loss)(output, labels)
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
         return KINDS[self.spec.kind].predict(output)

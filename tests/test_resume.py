@@ -68,7 +68,10 @@ MODES = {"mix-pcgrad": ["--mode", "mix", "--pcgrad", "--hidden_dropout_prob", "0
          "mix-sampled": ["--mode", "mix", "--grad_diagnostics_every", "3"],
          "seq": ["--mode", "seq"],
          # fp16 autocast with loss scaling, on the CPU: the GradScaler's state is in last.pt
-         "mix-fp16": ["--mode", "mix", "--precision", "fp16", "--aggregator", "aligned_mtl"]}
+         "mix-fp16": ["--mode", "mix", "--precision", "fp16", "--aggregator", "aligned_mtl"],
+         # R-Drop's second pass draws more dropout masks; one optimizer group per layer
+         "mix-rdrop-layer-decay": ["--mode", "mix", "--rdrop", "1.0", "--layer_decay", "0.7",
+                                   "--sts_loss", "cosent", "--label_smoothing", "0.1"]}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
