@@ -68,7 +68,14 @@ MODES = {"mix-pcgrad": ["--mode", "mix", "--pcgrad", "--hidden_dropout_prob", "0
          "mix-sampled": ["--mode", "mix", "--grad_diagnostics_every", "3"],
          "seq": ["--mode", "seq"],
          # fp16 autocast with loss scaling, on the CPU: the GradScaler's state is in last.pt
-         "mix-fp16": ["--mode", "mix", "--precision", "fp16", "--aggregator", "aligned_mtl"]}
+         "mix-fp16": ["--mode", "mix", "--precision", "fp16", "--aggregator", "aligned_mtl"],
+         # sampled steps of 8 examples (each task 2 or 3 at random): 9 steps an epoch, so
+         # the kills fall after step 8 (mid-epoch 1) and just after epoch 1 (step 9); the
+         # tasks' streams run on across the epochs
+         "mix-temperature": ["--mode", "mix", "--pcgrad", "--sampling", "temperature",
+                             "--sampling_temperature", "1", "--sampling_batch_size", "8"],
+         "mix-annealed": ["--mode", "mix", "--sampling", "annealed", "--sampling_batch_size", "8",
+                          "--grad_diagnostics_every", "3"]}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
