@@ -244,8 +244,7 @@ class MultitaskConfig(RunConfig):
                               f"got {self.seq_order!r}")
         for name in self.all_task_names:
             self.check_number(f"weight_{name}", self.weight(name), low=0.0)
-        check_sampling(self.sampling, self.mode, self.sampling_temperature,
-                       self.sampling_batch_size, len(chosen) + bool(self.aux))
+        check_sampling(self.sampling, self.mode, self.sampling_temperature)
 
     @property
     def task_names(self) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from datasets import Batch, Collator, Example, pass_seed
 from engine.sharding import micro_batches, shard_range
-from engine.task_mixing import TaskMixer, parse_temperature
+from engine.task_mixing import TaskMixer, check_step_size, parse_temperature
 
 CHUNK_BATCHES = 50  # as datasets.BucketBatchSampler's
 
@@ -120,6 +120,7 @@ def build_sampled(cfg, tasks: list, dist) -> tuple[TaskMixer, dict[str, SampledS
         return None
     scale = cfg.grad_accumulation * dist.world_size
     per_process = cfg.sampling_batch_size or sum(t.batch_size for t in tasks)
+    check_step_size(per_process, scale, len(tasks))
     mixer = TaskMixer([len(t.train) for t in tasks], per_process * scale, sampling,
                       parse_temperature(cfg.sampling_temperature), cfg.epochs, cfg.seed)
     streams = {t.name: SampledStream(k, mixer, t.train, t.collate, cfg.bucket, cfg.seed,

@@ -41,16 +41,21 @@ def parse_temperature(text: str) -> float:
     return value
 
 
-def check_sampling(sampling: str, mode: str, temperature: str, step_size: int,
-                   num_tasks: int) -> None:
-    """The --sampling options of a multitask config (ConfigError naming the flag)."""
+def check_sampling(sampling: str, mode: str, temperature: str) -> None:
+    """The --sampling options of a multitask config (ConfigError naming the flag). The
+    step's size is checked where the number of processes is known (check_step_size)."""
     parse_temperature(temperature)
     if sampling != "cycle" and mode != "mix":
         raise ConfigError(f"--sampling {sampling} needs --mode mix (a step of every task)")
-    if step_size and step_size < num_tasks:
-        raise ConfigError(f"--sampling_batch_size must be 0 (the sum of the batch sizes) or at "
-                          f"least the number of tasks ({num_tasks}: one example of each a "
-                          f"step), got {step_size}")
+
+
+def check_step_size(per_process: int, scale: int, num_tasks: int) -> None:
+    """A sampled step of per_process x scale (micro-batches x processes) examples must hold
+    one of every task."""
+    if per_process * scale < num_tasks:
+        raise ConfigError(f"--sampling_batch_size {per_process} x {scale} (micro-batches x "
+                          f"processes) examples a step cannot hold one example of each of the "
+                          f"{num_tasks} tasks; give at least {-(-num_tasks // scale)}")
 
 
 def annealed_alpha(epoch: int, epochs: int) -> float:

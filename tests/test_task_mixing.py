@@ -129,12 +129,21 @@ def test_ranks_take_contiguous_parts_and_an_empty_part_weighs_nothing():
     (["--mode", "seq", "--sampling", "temperature"], "--sampling temperature needs --mode mix"),
     (["--sampling_temperature", "0"], "--sampling_temperature must be a positive number or inf"),
     (["--sampling_temperature", "nan"], "--sampling_temperature must be"),
-    (["--sampling", "annealed", "--sampling_batch_size", "2"], "at least the number of tasks \\(3"),
 ])
 def test_bad_sampling_options_are_refused(flags, message):
     from engine.cli import parse_config
     with pytest.raises(ConfigError, match=message):
         parse_config(MultitaskConfig, flags)
+
+
+def test_a_step_too_small_for_the_tasks_is_refused_before_the_run_folder(tiny_checkpoint, tiny_data,
+                                                                         tmp_path):
+    """Per process and micro-batch: 1 x 2 micro-batches cannot hold 3 tasks; 2 x 2 can."""
+    argv = run_args(tiny_checkpoint, tiny_data, tmp_path / "run", "--sampling", "annealed",
+                    "--sampling_batch_size", "1", "--grad_accumulation", "2")
+    with pytest.raises(ConfigError, match="--sampling_batch_size 1 x 2 .* give at least 2"):
+        mtc.main(argv)
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_a_config_without_the_sampling_fields_reads_as_cycle():
@@ -159,3 +168,14 @@ def test_sampled_runs_with_pcgrad_finish(tiny_checkpoint, tiny_data, tmp_path, f
     assert len(steps) == 2 * math.ceil(72 / total)  # 3 tasks of 24 examples
     assert all(set(s["loss"]) == {"sst", "quora", "sts"} for s in steps)  # every task, every step
     assert f"{total} examples a step" in capsys.readouterr().out
+
+
+def test_a_sampled_run_is_its_own_report_row():
+    """report.py averages the runs of one configuration name: a sampled mix is not the
+    plain (cycle) mix."""
+    from analysis.results import config_name, config_slug
+    base = MultitaskConfig().as_dict()
+    names = {config_name(base), config_name({**base, "sampling": "annealed"}),
+             config_name({**base, "sampling": "temperature", "sampling_temperature": "inf"})}
+    assert len(names) == 3 and config_name(base) == "finetune-mix (0.3)"
+    assert config_slug({**base, "sampling": "temperature"}) == "finetune-mix-t-2-sampling-0.3"
