@@ -68,6 +68,9 @@ def _extras(cfg: MultitaskConfig) -> list[str]:
     if hand_weights(cfg):
         labels.append("weights " + " ".join(f"{n} {w:g}" for n, w in hand_weights(cfg).items()))
     labels += ["aux"] if cfg.aux else []
+    if cfg.sampling != "cycle":  # a sampled mix is its own row
+        labels.append("annealed sampling" if cfg.sampling == "annealed"
+                      else f"T={cfg.sampling_temperature} sampling")
     labels += ["frozen word emb."] if cfg.freeze_word_embeddings else []
     labels += _loss_labels(cfg)
     # A single-task baseline (--tasks) is its own row, never averaged with the full runs.

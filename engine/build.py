@@ -16,7 +16,9 @@ from engine.heads import MultitaskBERT
 from engine.layer_decay import layer_groups
 from engine.precision import Precision
 from engine.row_gradients import use_row_gradients
+from engine.sampled_stream import build_sampled
 from engine.step import StepContext, make_context
+from engine.task_mixing import TaskMixer
 from engine.tasks import Task
 from optimizer import AdamW
 
@@ -48,7 +50,8 @@ def make_optimizer(encoder_params, head_params, cfg: RunConfig, total_steps: int
 @dataclass
 class Parts:
     """`optimizers`: name -> (optimizer, scheduler): one "mix" pair, or (seq) one per task
-    over the encoder and that task's head. `combiner`: mix mode only."""
+    over the encoder and that task's head. `combiner`: mix mode only. `streams`: SampledStream
+    under `mixer` (--sampling temperature / annealed), else datasets.TrainStream."""
     model: MultitaskBERT
     tasks: list[Task]
     streams: dict[str, TrainStream]
@@ -57,6 +60,7 @@ class Parts:
     combiner: Combiner | None
     ctx: StepContext
     precision: Precision
+    mixer: TaskMixer | None = None  # sampled mix steps (task_mixing.py); None: cycle
 
 
 def build_parts(cfg: RunConfig, model: MultitaskBERT, tasks: list[Task], dist: Dist) -> Parts:
@@ -65,14 +69,16 @@ def build_parts(cfg: RunConfig, model: MultitaskBERT, tasks: list[Task], dist: D
     if cfg.freeze_word_embeddings:
         model.encoder.word_embedding.requires_grad_(False)
     use_row_gradients(model.encoder, dist.device, dist.enabled)
-    streams = {t.name: TrainStream(t.train, t.collate, t.batch_size, cfg.bucket, cfg.seed,
-                                   cfg.grad_accumulation, dist.rank, dist.world_size,
-                                   pin=dist.device.type == "cuda")
-               for t in tasks}
+    sampled = build_sampled(cfg, tasks, dist)  # --sampling temperature / annealed
+    mixer, streams = sampled or (None, {
+        t.name: TrainStream(t.train, t.collate, t.batch_size, cfg.bucket, cfg.seed,
+                            cfg.grad_accumulation, dist.rank, dist.world_size,
+                            pin=dist.device.type == "cuda")
+        for t in tasks})
     encoder_params = list(model.encoder.parameters())
     combiner = None
     if cfg.mode == "mix":
-        steps = max(len(s) for s in streams.values())
+        steps = mixer.steps_per_epoch if mixer else max(len(s) for s in streams.values())
         optimizers = {"mix": make_optimizer(encoder_params, model.heads.parameters(), cfg,
                                             cfg.epochs * steps, model.encoder)}
         combiner = Combiner.build(cfg.combination(), [p for p in encoder_params if p.requires_grad],
@@ -85,4 +91,4 @@ def build_parts(cfg: RunConfig, model: MultitaskBERT, tasks: list[Task], dist: D
                       for t in tasks}
     ctx = make_context(model, tasks, dist, model.precision, find_unused=cfg.mode == "seq",
                        combined=combiner.params if combiner is not None else [], packed=cfg.packed)
-    return Parts(model, tasks, streams, optimizers, steps, combiner, ctx, model.precision)
+    return Parts(model, tasks, streams, optimizers, steps, combiner, ctx, model.precision, mixer)

@@ -12,9 +12,10 @@ from typing import ClassVar
 from engine.cli import SEED_RANGE, check_ranges
 from engine.errors import ConfigError
 from engine.names import (AGGREGATORS, BALANCERS, ENCODINGS, MODES, OPTIONS, PCGRAD_REDUCTIONS,
-                          POOLINGS, PRECISIONS, SCHEDULERS, STS_LOSSES)
+                          POOLINGS, PRECISIONS, SAMPLINGS, SCHEDULERS, STS_LOSSES)
 from engine.paths import check_kind
 from engine.specs import AUX, CLASSIFIER_TASKS, TASK_NAMES, canonical_tasks
+from engine.task_mixing import check_sampling
 
 DATA_DIR_ENV = "MINBERT_DATA_DIR"
 
@@ -219,6 +220,20 @@ class MultitaskConfig(RunConfig):
         "empty: every trained one of them)"))
     subsample: int = field(default=0, metadata=_help(
         "train on at most N examples per task (0: all), for quick budgets"))
+    sampling: str = field(default="cycle", metadata=_help(
+        "how a mix step splits its examples among the tasks (engine/task_mixing.py). cycle: "
+        "one batch of every task of its --batch_size_*, an epoch as long as the largest task "
+        "in batches; temperature: task k gets a share p_k ~ n_k^(1/T) of "
+        "--sampling_batch_size examples (n_k: its training examples), at least one; "
+        "annealed: p_k ~ n_k^alpha, alpha from 1 down to 0.2 over the epochs (Stickland & "
+        "Murray 2019). Sampled epochs hold about as many examples as the data",
+        choices=list(SAMPLINGS)))
+    sampling_temperature: str = field(default="2", metadata=_help(
+        "T of --sampling temperature: 1 proportional to the task sizes, 2 square-root "
+        "sampling, inf uniform"))
+    sampling_batch_size: int = field(default=0, metadata=_help(
+        "examples of a sampled mix step, per process and micro-batch (0: the sum of the "
+        "tasks' batch sizes, so a step costs about what a cycle step costs)"))
     grad_diagnostics: bool = field(default=True, metadata=_help(
         "per-epoch cosine and conflict rate between task gradients (mix mode)"))
     grad_diagnostics_every: int = field(default=10, metadata=_help(
@@ -232,6 +247,7 @@ class MultitaskConfig(RunConfig):
 
     INT_RANGES: ClassVar[dict] = {
         **RunConfig.INT_RANGES, "subsample": (0, None), "grad_diagnostics_every": (1, None),
+        "sampling_batch_size": (0, None),
         **{f"batch_size_{name}": (1, None) for name in TASK_NAMES + (AUX.name,)}}
 
     def __post_init__(self) -> None:
@@ -258,6 +274,7 @@ class MultitaskConfig(RunConfig):
         for name in self.all_task_names:
             self.check_number(f"weight_{name}", self.weight(name), low=0.0)
         self.check_loss_options()
+        check_sampling(self.sampling, self.mode, self.sampling_temperature)
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -325,6 +342,7 @@ class MultitaskConfig(RunConfig):
         name += "" if self.aggregator == "sum" else f"-{self.aggregator}"
         name += "" if self.balance == "none" else f"-{self.balance}"
         name += "-aux" if self.aux else ""
+        name += "" if self.sampling == "cycle" else f"-{self.sampling}"
         name += "" if self.task_names == TASK_NAMES else "-" + "-".join(self.task_names)
         return f"{name}-{self.hidden_dropout_prob:g}"
 

@@ -14,3 +14,4 @@ AGGREGATORS = ("sum", "pcgrad", "mgda", "imtl_g", "cagrad", "nash_mtl", "aligned
 BALANCERS = ("none", "uncertainty", "dwa", "grad_norm")
 PCGRAD_REDUCTIONS = ("sum", "mean")
 STS_LOSSES = ("mse", "cosent")
+SAMPLINGS = ("cycle", "temperature", "annealed")

@@ -103,6 +103,8 @@ def _train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str, dist: 
         for task in tasks:
             log(f"  {task.name}: {len(task.train)} train, {len(task.dev)} dev, {len(task.test)} "
                 f"test, batch {global_batch(task.batch_size, cfg, dist)}")
+        if parts.mixer is not None:
+            log(parts.mixer.describe([t.name for t in tasks]))
         extra = {"script": script, "config": cfg.as_dict(), "bert_config": asdict(s.encoder.config),
                  "tokenizer": s.tokenizer.state_dict(),  # best.pt needs no checkpoint folder
                  FINGERPRINT: fingerprint(saved_config, {t.name: t.train_file for t in tasks})}

@@ -3,7 +3,9 @@ a head per task, and the report's training methods (section 4.3):
   seq: a full pass over each task in turn, each task with its own optimizer;
   mix: every step one batch of every task ("max_size_cycle": an epoch lasts as many
        steps as the largest task has batches; smaller tasks restart), the task gradients
-       combined by an aggregator (the plain sum, PCGrad, ...; aggregators.py).
+       combined by an aggregator (the plain sum, PCGrad, ...; aggregators.py); or, with
+       --sampling temperature / annealed, each step's examples split among the tasks at
+       random (task_mixing.py), every task still in every step.
 Every state a run needs to continue exactly is saved in last.pt (trainer_state.py).
 """
 from __future__ import annotations
@@ -45,7 +47,7 @@ class Trainer:
         only the main one (rank 0) writes."""
         self.model, self.tasks, self.streams = parts.model, parts.tasks, parts.streams
         self.optimizers, self.combiner, self.ctx = parts.optimizers, parts.combiner, parts.ctx
-        self.steps_per_epoch = parts.steps_per_epoch
+        self.steps_per_epoch, self.mixer = parts.steps_per_epoch, parts.mixer
         self.cfg, self.dist, self.device, self.run_dir = cfg, dist, dist.device, run_dir
         self.log = log if dist.is_main else (lambda *_: None)
         self.checkpoint_extra = checkpoint_extra
@@ -165,6 +167,8 @@ class Trainer:
         bar = self.progress(range(self.state.step, self.steps_per_epoch), f"epoch {epoch} mix",
                             initial=self.state.step, total=self.steps_per_epoch)
         for _ in bar:
+            if self.mixer is not None:  # the step's task counts: a function of the step
+                self.mixer.plan(self.state.global_step, epoch)
             combiner = self.combiner.for_step(self.state.global_step) if self.combiner else None
             losses, gram = self.step(self.tasks, streams, optimizer, combiner)
             self.state.totals = [t + loss for t, loss in zip(self.state.totals, losses)]

@@ -71,7 +71,14 @@ MODES = {"mix-pcgrad": ["--mode", "mix", "--pcgrad", "--hidden_dropout_prob", "0
          "mix-fp16": ["--mode", "mix", "--precision", "fp16", "--aggregator", "aligned_mtl"],
          # R-Drop's second pass draws more dropout masks; one optimizer group per layer
          "mix-rdrop-layer-decay": ["--mode", "mix", "--rdrop", "1.0", "--layer_decay", "0.7",
-                                   "--sts_loss", "cosent", "--label_smoothing", "0.1"]}
+                                   "--sts_loss", "cosent", "--label_smoothing", "0.1"],
+         # sampled steps of 8 examples (each task 2 or 3 at random): 9 steps an epoch, so
+         # the kills fall after step 8 (mid-epoch 1) and just after epoch 1 (step 9); the
+         # tasks' streams run on across the epochs
+         "mix-temperature": ["--mode", "mix", "--pcgrad", "--sampling", "temperature",
+                             "--sampling_temperature", "1", "--sampling_batch_size", "8"],
+         "mix-annealed": ["--mode", "mix", "--sampling", "annealed", "--sampling_batch_size", "8",
+                          "--grad_diagnostics_every", "3"]}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
