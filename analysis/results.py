@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from engine.configs import MultitaskConfig
-from engine.runfiles import (CONFIG_FILE, DIVERGED_FILE, METRICS_FILE, SUMMARY_FILE, ResultsError,
-                             read_json, read_jsonl)
+from engine.runfiles import (CONFIG_FILE, DIVERGED_FILE, METRICS_FILE, STEPS_FILE, SUMMARY_FILE,
+                             ResultsError, read_json, read_jsonl)
 from engine.specs import SPECS, TASK_NAMES
 
 METRICS = TASK_NAMES + ("overall",)
@@ -150,6 +150,16 @@ def load_run(path: str) -> Run:
                epochs=read_metrics(metrics) if os.path.isfile(metrics) else [],
                summary=_read_json(os.path.join(path, SUMMARY_FILE)),
                diverged=_read_json(os.path.join(path, DIVERGED_FILE)))
+
+
+def step_weights(run: Run) -> list[tuple[int, dict[str, float]]]:
+    """(step, task -> mean weight) of each steps.jsonl record that has task weights (the
+    combination's, steplog.py); none for a run without the file or without combined steps."""
+    path = os.path.join(run.path, STEPS_FILE)
+    if not os.path.isfile(path):
+        return []
+    return [(r["step"], r["weights"]) for r in read_jsonl(path)
+            if isinstance(r.get("step"), int) and isinstance(r.get("weights"), dict)]
 
 
 def find_runs(root: str) -> list[Run]:

@@ -9,6 +9,7 @@ import torch
 
 import multitask_classifier as mtc
 import pcgrad
+import report
 from engine.steplog import StepLog
 
 from test_training import run_args
@@ -76,3 +77,10 @@ def test_a_last_pt_from_before_the_weights_still_loads(tmp_path):
     record = log.add(2, 1, 0.1, [1.0, 1.0, 1.0], weights=weights)
     assert record["loss"] == {"sst": 1.0, "quora": 1.5, "sts": 2.0}
     assert record["weights"] == {"sst": 0.5, "quora": 1.0, "sts": 1.5}
+
+
+def test_the_report_draws_a_trained_runs_weights(tiny_checkpoint, tiny_data, tmp_path):
+    run_dir = mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "runs" / "rlw", "--epochs", "1",
+                                "--log_every_steps", "2", "--aggregator", "rlw"))
+    figure = os.path.join(tmp_path, "out", "runs", "rlw", "weights.png")
+    assert figure in report.write_report(os.path.dirname(run_dir), str(tmp_path / "out"))["files"]
