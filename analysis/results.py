@@ -74,8 +74,11 @@ def _extras(cfg: MultitaskConfig) -> list[str]:
 
 
 def config_name(cfg: dict | MultitaskConfig) -> str:
-    """Display name of a configuration, e.g. 'finetune-mix + PCGrad (0.3)'."""
+    """Display name of a configuration, e.g. 'finetune-mix + PCGrad (0.3)'; a run's
+    --label (a named grid row's name) when it has one."""
     cfg = settings(cfg)
+    if cfg.label:
+        return cfg.label
     dropout = dropout_label(cfg)
     if cfg.option == "pretrain":
         dropout = f"dropout {dropout}"
@@ -85,6 +88,8 @@ def config_name(cfg: dict | MultitaskConfig) -> str:
 def config_slug(cfg: dict | MultitaskConfig) -> str:
     """Filesystem-safe name of a configuration, e.g. 'finetune-mix-pcgrad-0.3'."""
     cfg = settings(cfg)
+    if cfg.label:
+        return re.sub(r"[^a-z0-9._]+", "-", cfg.label.lower()).strip("-") or "label"
     words = [_method(cfg)] + [re.sub(r"[^a-z0-9]+", "-", e.lower()).strip("-") for e in _extras(cfg)]
     return "-".join(words + [dropout_label(cfg)])
 
@@ -97,7 +102,8 @@ def sort_key(cfg: dict | MultitaskConfig) -> tuple:
     method, balance = cfg.aggregator, cfg.balance
     return (cfg.option != "pretrain", cfg.mode != "seq", bool(cfg.aux),
             method != "sum", method != "pcgrad", method, balance != "none", balance,
-            bool(hand_weights(cfg)), cfg.freeze_word_embeddings, cfg.hidden_dropout_prob)
+            bool(hand_weights(cfg)), cfg.freeze_word_embeddings, cfg.hidden_dropout_prob,
+            cfg.label)
 
 
 # --- loading ----------------------------------------------------------------------------
