@@ -148,6 +148,8 @@ def _refuse(message: str):
 def explicit_flags(words: list[str]) -> dict:
     """The trainer options `words` set (name -> value), through the trainer's own parser;
     an unknown flag or a bad value is a ConfigError naming the flag (argparse's message)."""
+    if {"-h", "--help"} & set(words):  # argparse would print the help and exit 0
+        raise ConfigError("--help is not a training flag")
     parser = build_parser(MultitaskConfig)
     parser.error = _refuse  # not argparse's exit: the caller names the row
     for action in parser._actions:

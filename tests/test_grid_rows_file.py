@@ -101,6 +101,7 @@ BAD = [  # (rows file text, --extra, what the message must hold after the file n
     ('[rows.base]\nflags = "--sts_encoding tri"\n', "", "row 'base': argument --sts_encoding: invalid choice"),
     ('[rows.base]\nflags = "--weight_sts -1"\n', "", "row 'base': --weight_sts must be a finite number"),
     ('[rows.base]\nflags = "--mode seq --pcgrad"\n', "", "row 'base': --pcgrad needs --mode mix"),
+    ('[rows.base]\nflags = "--help"\n', "", "row 'base': --help is not a training flag"),
     ('[rows.base]\nflags = "--seed 3"\n', "", "row 'base' sets --seed, which grid sets itself"),
     ('[rows.base]\nflags = "--run_dir=x"\n', "", "row 'base' sets --run_dir, which grid sets itself"),
     ('[rows.base]\nflags = "--label other"\n', "", "row 'base' sets --label, which grid sets itself"),
