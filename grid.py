@@ -1,6 +1,7 @@
 """Runs a grid of configurations (by default the 8 rows of the report's Table 1; `--rows
-methods`: the comparison of gradient-combination methods), one run folder per
-configuration x seed, then writes the table and figures with report.py.
+methods`: the comparison of gradient-combination methods; `--rows FILE.toml`: named rows of
+trainer flags), one run folder per configuration x seed, then writes the table and figures
+with report.py.
 
     python grid.py [--rows all] [--seeds 0 1 2] [--epochs 3] [--subsample 2000]
                    [--finetune_lr 5e-5] [--pretrain_lr 1e-3] [--runs_dir runs/grid]
@@ -31,7 +32,7 @@ from engine.errors import ConfigError, UserError
 from analysis.results import config_name, config_slug, settings
 from engine.runfiles import CONFIG_FILE, LAST_FILE, SUMMARY_FILE, check_output, holds_run, read_json
 from engine.runlock import remove_run_dir
-from engine.grid_rows import check_extra, grid_rows, parse_seeds, split_list
+from engine.grid_rows import check_extra, check_named_row, grid_rows, parse_seeds, split_list
 
 AUX_FILE = "yelp-aux-train.csv"
 # Options that take several values (`--seeds 0 1 2`); the dataclass stores them as text.
@@ -49,7 +50,9 @@ DESCRIPTION = "Run the Table 1 grid (resumably), then write its table and figure
 class GridOptions:
     rows: str = field(default="all", metadata={
         "help": "rows to run, by slug or display name (e.g. finetune-mix-pcgrad-0.3), or 'all'; "
-                "'methods' runs the comparison of aggregators and balancings instead"})
+                "'methods' runs the comparison of aggregators and balancings instead; a .toml "
+                "file of named rows of trainer flags (docs/rows-example.toml), optionally "
+                "followed by the names of the rows to run"})
     seeds: str = field(default="0", metadata={"help": "seeds, e.g. --seeds 0 1 2"})
     epochs: int = field(default=3, metadata={"help": "training epochs per run"})
     subsample: int = field(default=0, metadata={"help": "per-task training-set cap (0: all)"})
@@ -105,7 +108,10 @@ def data_dir(opts: GridOptions) -> str:
     return opts.data_dir or default_data_dir()
 
 
-def trainer_argv(row: dict, seed: int, run_dir: str, opts: GridOptions) -> list[str]:
+def row_flags(row: dict) -> list[str]:
+    """The trainer flags that make a row: a named row's own (--rows FILE) under its name."""
+    if "flags" in row:
+        return ["--label", row["label"], *row["flags"]]
     argv = ["--option", row["option"], "--mode", row["mode"]]
     if row["pcgrad"]:
         argv.append("--pcgrad")
@@ -118,12 +124,16 @@ def trainer_argv(row: dict, seed: int, run_dir: str, opts: GridOptions) -> list[
     for key in ("weight_sst", "weight_quora", "weight_sts"):
         if key in row:
             argv += [f"--{key}", str(row[key])]
-    argv += ["--hidden_dropout_prob", str(row["hidden_dropout_prob"]), "--epochs", str(opts.epochs),
-             "--seed", str(seed), "--run_dir", run_dir, "--data_dir", data_dir(opts)]
+    return argv + ["--hidden_dropout_prob", str(row["hidden_dropout_prob"])]
+
+
+def trainer_argv(row: dict, seed: int, run_dir: str, opts: GridOptions) -> list[str]:
+    argv = row_flags(row) + ["--epochs", str(opts.epochs), "--seed", str(seed),
+                             "--run_dir", run_dir, "--data_dir", data_dir(opts)]
     if opts.subsample > 0:
         argv += ["--subsample", str(opts.subsample)]
     lr = row.get("lr") or (opts.pretrain_lr if row["option"] == "pretrain" else opts.finetune_lr)
-    if lr > 0:
+    if lr > 0 and "lr" not in row.get("sets", ()):  # a named row's own --lr wins
         argv += ["--lr", str(lr)]
     if opts.checkpoint:
         argv += ["--checkpoint", opts.checkpoint]
@@ -188,6 +198,10 @@ def plan(opts: GridOptions, say: Callable[[str], None] = print) -> list[Job]:
     if not seeds:
         raise ConfigError("--seeds: no seeds given")
     pairs = [(row, seed) for seed in seeds for row in rows]
+    for row in rows:
+        if "flags" in row:  # a named row: checked whole before any run starts
+            check_named_row(row, shlex.split(opts.extra),
+                            trainer_argv(row, seeds[0], opts.runs_dir, opts), trainer_config)
     todo = []
     for i, (row, seed) in enumerate(pairs, 1):
         name = f"{config_slug(row)}-seed{seed}"

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from engine.cli import parse_config, run_cli
 from analysis.ablation import ablation, format_ablation
 from analysis.compare import compare, format_comparison
-from analysis.plots import plot_forest, remove_stale, write_plots
+from analysis.plots import (plot_forest, plot_method_weights, remove_stale, write_plots,
+                            write_weight_plots)
 from analysis.results import LABELS, METRICS, Run, config_slug, find_runs, group_runs, metric_value
 from engine.runfiles import (CONFIG_FILE, METRICS_FILE, ResultsError, atomic_write, check_output,
                              write_json)
@@ -124,8 +125,9 @@ def write_report(root: str, out: str | None = None, allow_empty: bool = False) -
     atomic_write(files[0], lambda f: f.write(markdown))
     write_json(files[1], {"rows": rows})
     files += write_plots(groups, out)
+    files += write_weight_plots(runs, root, out)
     comparison = compare(groups)
-    files += write_comparison(comparison, out)
+    files += write_comparison(comparison, out, groups)
     return {"table_md": markdown, "rows": rows, "files": files, "comparison": comparison}
 
 
@@ -141,12 +143,13 @@ def check_finished(runs: list[Run], root: str) -> None:
     print(f"warning: no finished epoch in {names}", file=sys.stderr)
 
 
-COMPARISON_FILES = ("comparison.md", "comparison.json", "comparison.png")
+COMPARISON_FILES = ("comparison.md", "comparison.json", "comparison.png", "comparison_weights.png")
 
 
-def write_comparison(comparison: dict, out: str) -> list[str]:
-    """comparison.md/.json/.png (see compare.py) when the runs hold several methods."""
-    md, js, png = (os.path.join(out, name) for name in COMPARISON_FILES)
+def write_comparison(comparison: dict, out: str, groups: dict[str, list[Run]]) -> list[str]:
+    """comparison.md/.json/.png (see compare.py) when the runs hold several methods, and
+    comparison_weights.png: a panel per method of the task weights its complete runs applied."""
+    md, js, png, weights = (os.path.join(out, name) for name in COMPARISON_FILES)
     if not comparison:
         print("skipping comparison.md: needs finetune-mix runs of more than one method")
         for name in COMPARISON_FILES:
@@ -160,6 +163,11 @@ def write_comparison(comparison: dict, out: str) -> list[str]:
         written.append(png)
     else:
         remove_stale(out, "comparison.png", "no method has seeds paired with finetune-mix")
+    methods = {e["name"]: [r for r in groups[e["name"]] if r.complete] for e in comparison["methods"]}
+    if plot_method_weights(methods, weights):
+        written.append(weights)
+    else:
+        remove_stale(out, "comparison_weights.png", "no compared run logged task weights")
     return written
 
 

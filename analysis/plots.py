@@ -1,6 +1,8 @@
 """The figures of a results report (the report's Figures 4-8): dev metrics per epoch by
 method, finetune-mix against its PCGrad and auxiliary-task variants, and the gradient
-conflicts between tasks over training. Built from run folders by report.py.
+conflicts between tasks over training; per run and per compared method, the task weights
+the gradient combination applied over the steps (steps.jsonl). Built from run folders by
+report.py.
 """
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ matplotlib.use("Agg")  # files only: this also runs on machines without a displa
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from analysis.results import (LABELS, METRICS, Run, dropout_label, hand_weights,  # noqa: E402
-                              is_full, metric_value, settings)
+from analysis.results import (LABELS, METRICS, Run, config_name, dropout_label,  # noqa: E402
+                              hand_weights, is_full, metric_value, settings, step_weights)
 
 DPI = 100
+WEIGHTS_FILE = "weights.png"  # one per run, in REPORT/runs/<the run's folder below the root>/
+RUNS_FIGURES = "runs"
 
 
 def mean_curve(runs: list[Run], value: Callable[[dict], float | None]) -> tuple[list, list]:
@@ -209,3 +213,82 @@ def remove_stale(out: str, file: str, why: str = "") -> None:
     stale = os.path.join(out, file)
     if os.path.isfile(stale):  # left by an earlier report; it no longer matches the table
         os.remove(stale)
+
+
+# --- task weights over steps (steps.jsonl) ----------------------------------------------
+
+def weight_series(runs: list[Run]) -> dict[str, tuple[list[int], list[float]]]:
+    """Task -> (steps, mean weight over the runs logging that step)."""
+    found: dict[str, dict[int, list[float]]] = {}
+    for run in runs:
+        for step, weights in step_weights(run):
+            for task, weight in weights.items():
+                found.setdefault(task, {}).setdefault(step, []).append(weight)
+    return {task: (sorted(by_step), [statistics.fmean(by_step[s]) for s in sorted(by_step)])
+            for task, by_step in found.items()}
+
+
+def _weight_lines(ax, series: dict, colors: dict[str, str]) -> None:
+    for task, (steps, values) in series.items():
+        ax.plot(steps, values, marker="o", markersize=2, linewidth=1, label=task,
+                color=colors.setdefault(task, f"C{len(colors) % 10}"))
+    ax.set_xlabel("step")
+    _style(ax)
+
+
+def plot_weights(series: dict, path: str, title: str) -> str:
+    """One run's task weights over the steps, one line per task."""
+    fig, axes = plt.subplots(1, 1, figsize=(6, 3.5), squeeze=False)
+    _weight_lines(axes[0][0], series, {})
+    axes[0][0].set_ylabel("task weight")
+    return _save(fig, axes, path, title)
+
+
+def _no_weights_note(runs: list[Run]) -> str:
+    if not runs:
+        return "no complete run"
+    typed = settings(runs[0].config)
+    plain = typed.aggregator == "sum" and typed.balance == "none"
+    return "no weights logged" + ("\n(plain sum: every weight is 1)" if plain else "")
+
+
+def plot_method_weights(methods: dict[str, list[Run]], path: str) -> str | None:
+    """One panel per method (same y scale): the task weights over the steps, mean over its
+    runs; None when no method's runs logged any."""
+    series = {name: weight_series(runs) for name, runs in methods.items()}
+    if not any(series.values()):
+        return None
+    cols = min(len(methods), 3)
+    rows = -(-len(methods) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1, 2.8 * rows), sharey=True,
+                             squeeze=False)
+    colors: dict[str, str] = {}
+    for ax, (name, runs) in zip(axes.flat, methods.items()):
+        ax.set_title(name, fontsize=9)
+        if series[name]:
+            _weight_lines(ax, series[name], colors)
+        else:
+            ax.text(0.5, 0.5, _no_weights_note(runs), ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.set_visible(False)
+    return _save(fig, axes, path, "Task weights of the gradient combination (mean over seeds)")
+
+
+def write_weight_plots(runs: list[Run], root: str, out: str) -> list[str]:
+    """REPORT/runs/<run>/weights.png for each run whose steps.jsonl holds task weights;
+    such a figure an earlier report left for a run that no longer has weights is removed."""
+    written = []
+    for run in runs:
+        series = weight_series([run])
+        if not series:
+            continue
+        folder = os.path.normpath(os.path.join(out, RUNS_FIGURES, os.path.relpath(run.path, root)))
+        os.makedirs(folder, exist_ok=True)
+        title = f"Task weights: {os.path.relpath(run.path, root)} ({config_name(run.config)})"
+        written.append(plot_weights(series, os.path.join(folder, WEIGHTS_FILE), title))
+    for folder, _, files in os.walk(os.path.join(out, RUNS_FIGURES)):
+        stale = os.path.join(folder, WEIGHTS_FILE)
+        if WEIGHTS_FILE in files and stale not in written:
+            os.remove(stale)
+    return written

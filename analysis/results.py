@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from engine.configs import MultitaskConfig
-from engine.runfiles import (CONFIG_FILE, DIVERGED_FILE, METRICS_FILE, SUMMARY_FILE, ResultsError,
-                             read_json, read_jsonl)
+from engine.runfiles import (CONFIG_FILE, DIVERGED_FILE, METRICS_FILE, STEPS_FILE, SUMMARY_FILE,
+                             ResultsError, read_json, read_jsonl)
 from engine.specs import SPECS, TASK_NAMES
 
 METRICS = TASK_NAMES + ("overall",)
@@ -88,8 +88,11 @@ def _loss_labels(cfg: MultitaskConfig) -> list[str]:
 
 
 def config_name(cfg: dict | MultitaskConfig) -> str:
-    """Display name of a configuration, e.g. 'finetune-mix + PCGrad (0.3)'."""
+    """Display name of a configuration, e.g. 'finetune-mix + PCGrad (0.3)'; a run's
+    --label (a named grid row's name) when it has one."""
     cfg = settings(cfg)
+    if cfg.label:
+        return cfg.label
     dropout = dropout_label(cfg)
     if cfg.option == "pretrain":
         dropout = f"dropout {dropout}"
@@ -99,6 +102,8 @@ def config_name(cfg: dict | MultitaskConfig) -> str:
 def config_slug(cfg: dict | MultitaskConfig) -> str:
     """Filesystem-safe name of a configuration, e.g. 'finetune-mix-pcgrad-0.3'."""
     cfg = settings(cfg)
+    if cfg.label:
+        return re.sub(r"[^a-z0-9._]+", "-", cfg.label.lower()).strip("-") or "label"
     words = [_method(cfg)] + [re.sub(r"[^a-z0-9]+", "-", e.lower()).strip("-") for e in _extras(cfg)]
     return "-".join(words + [dropout_label(cfg)])
 
@@ -111,7 +116,8 @@ def sort_key(cfg: dict | MultitaskConfig) -> tuple:
     method, balance = cfg.aggregator, cfg.balance
     return (cfg.option != "pretrain", cfg.mode != "seq", bool(cfg.aux),
             method != "sum", method != "pcgrad", method, balance != "none", balance,
-            bool(hand_weights(cfg)), cfg.freeze_word_embeddings, cfg.hidden_dropout_prob)
+            bool(hand_weights(cfg)), cfg.freeze_word_embeddings, cfg.hidden_dropout_prob,
+            cfg.label)
 
 
 # --- loading ----------------------------------------------------------------------------
@@ -164,6 +170,16 @@ def load_run(path: str) -> Run:
                epochs=read_metrics(metrics) if os.path.isfile(metrics) else [],
                summary=_read_json(os.path.join(path, SUMMARY_FILE)),
                diverged=_read_json(os.path.join(path, DIVERGED_FILE)))
+
+
+def step_weights(run: Run) -> list[tuple[int, dict[str, float]]]:
+    """(step, task -> mean weight) of each steps.jsonl record that has task weights (the
+    combination's, steplog.py); none for a run without the file or without combined steps."""
+    path = os.path.join(run.path, STEPS_FILE)
+    if not os.path.isfile(path):
+        return []
+    return [(r["step"], r["weights"]) for r in read_jsonl(path)
+            if isinstance(r.get("step"), int) and isinstance(r.get("weights"), dict)]
 
 
 def find_runs(root: str) -> list[Run]:

@@ -244,6 +244,10 @@ class MultitaskConfig(RunConfig):
     eval_only: bool = field(default=False, metadata=_help(
         "evaluate and predict from --load (its saved config wins over training flags)"))
     load: str = field(default="", metadata=_help("a best.pt checkpoint, for --eval_only"))
+    label: str = field(default="", metadata=_help(
+        "the name of this run's configuration in report.py's tables and figures (runs with "
+        "one label are one row, e.g. its seeds); empty: named from the settings. grid.py "
+        "--rows FILE gives each run its row's name"))
 
     INT_RANGES: ClassVar[dict] = {
         **RunConfig.INT_RANGES, "subsample": (0, None), "grad_diagnostics_every": (1, None),

@@ -173,7 +173,8 @@ class Trainer:
             losses, gram = self.step(self.tasks, streams, optimizer, combiner)
             self.state.totals = [t + loss for t, loss in zip(self.state.totals, losses)]
             self.diagnostics.add(gram)
-            self.log_step(bar, scheduler, losses, gram)
+            self.log_step(bar, scheduler, losses, gram,
+                          combiner.last_weights if combiner is not None else None)
             scheduler.step()
             self.state.advance()
             self.after_step()
@@ -207,11 +208,12 @@ class Trainer:
             self.state.advance()
             self.after_step()
 
-    def log_step(self, bar, scheduler, losses: list[float], gram) -> None:
+    def log_step(self, bar, scheduler, losses: list[float], gram, weights=None) -> None:
         """steps.jsonl (and TensorBoard) every --log_every_steps steps; the bar shows the
-        running task losses."""
+        running task losses. `weights`: the task weights the step's combination applied
+        (a CPU tensor already: no device sync), None for a plain summed step."""
         record = self.steps.add(self.state.global_step + 1, self.state.epoch,
-                                scheduler.get_last_lr()[0], losses, gram)
+                                scheduler.get_last_lr()[0], losses, gram, weights)
         if record is not None and self.cfg.progress:
             bar.set_postfix({k: f"{v:.3f}" for k, v in record["loss"].items() if math.isfinite(v)})
 

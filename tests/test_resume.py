@@ -98,6 +98,15 @@ def test_killed_run_resumes_to_the_same_result(tiny_checkpoint, tiny_data, tmp_p
     assert_same_run(str(run_dir), reference[mode])
 
 
+@pytest.mark.parametrize("mode", ["mix-pcgrad", "mix-fp16"])
+def test_the_split_windows_hold_weights_that_vary(reference, mode):
+    """steps.jsonl's mean task weights resume exactly only if last.pt keeps the window in
+    progress (StepLog.state_dict): the kill after step 8 splits the window of steps 7-9,
+    whose weights (PCGrad's, Aligned-MTL's) vary, so a lost part would change its mean."""
+    logged = {r["step"]: r["weights"] for r in steps(reference[mode])}
+    assert 9 in logged and len({tuple(w.values()) for w in logged.values()}) > 1
+
+
 def test_a_run_with_frozen_word_embeddings_resumes_exactly(tiny_checkpoint, tiny_data, tmp_path):
     flags = [*EXTRA, "--pcgrad", "--weight_decay", "0.1", "--freeze_word_embeddings"]
     reference = mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "reference", *flags))
