@@ -68,7 +68,11 @@ MODES = {"mix-pcgrad": ["--mode", "mix", "--pcgrad", "--hidden_dropout_prob", "0
          "mix-sampled": ["--mode", "mix", "--grad_diagnostics_every", "3"],
          "seq": ["--mode", "seq"],
          # fp16 autocast with loss scaling, on the CPU: the GradScaler's state is in last.pt
-         "mix-fp16": ["--mode", "mix", "--precision", "fp16", "--aggregator", "aligned_mtl"]}
+         "mix-fp16": ["--mode", "mix", "--precision", "fp16", "--aggregator", "aligned_mtl"],
+         # the moving average of the weights (its shadow and update count are in last.pt)
+         "mix-ema": ["--mode", "mix", "--ema", "0.9"],
+         # pair tasks with a cross and a bi head each (one batch holds a pair both ways)
+         "mix-both": ["--mode", "mix", "--sts_encoding", "both", "--quora_encoding", "both"]}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
