@@ -64,7 +64,8 @@ def build_parser(cls: Type[T], description: str = "") -> argparse.ArgumentParser
         if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="?", type=kind, default=default, help=help_text)
         elif f.metadata.get("repeatable"):
-            assert default == "", f"{cls.__name__}.{f.name}: a repeatable option defaults to ''"
+            if default != "":  # JoinRepeated would join the values to the default
+                raise TypeError(f"{cls.__name__}.{f.name}: a repeatable option must default to ''")
             parser.add_argument(f"--{f.name}", action=JoinRepeated, default=default, help=help_text)
         elif kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
