@@ -150,15 +150,22 @@ class Batch:
 class Collator:
     """Examples -> Batch. A pair is one `[CLS] a [SEP] b [SEP]` input (cross-encoder) or,
     with `separate=True`, its two sentences are stacked as 2B single inputs (bi-encoder),
-    so that one encoder pass serves both sides."""
+    so that one encoder pass serves both sides; with `both=True` (a cross and a bi head on
+    the same pair) the B cross inputs come first, then the 2B single ones, all padded to
+    the longest."""
 
-    def __init__(self, tokenizer: BertTokenizer, separate: bool = False):
+    def __init__(self, tokenizer: BertTokenizer, separate: bool = False, both: bool = False):
         self.tokenizer = tokenizer
         self.separate = separate
+        self.both = both
 
     def __call__(self, examples: Sequence[Example]) -> Batch:
         columns = [list(col) for col in zip(*(e.texts for e in examples))]
-        if len(columns) == 2 and not self.separate:
+        if len(columns) == 2 and self.both:
+            encoded = stack_encoded([self.tokenizer.encode(columns[0], columns[1]),
+                                     self.tokenizer.encode(columns[0] + columns[1])],
+                                    self.tokenizer.pad_token_id)
+        elif len(columns) == 2 and not self.separate:
             encoded = self.tokenizer.encode(columns[0], columns[1])
         else:
             encoded = self.tokenizer.encode([text for col in columns for text in col])
@@ -170,16 +177,32 @@ class Collator:
 
     def lengths(self, examples: Sequence[Example]) -> list[int]:
         columns = [list(col) for col in zip(*(e.texts for e in examples))]
-        if len(columns) == 2 and not self.separate:
+        if len(columns) == 2 and not self.separate and not self.both:
             return self.tokenizer.lengths(columns[0], columns[1])
         per_column = [self.tokenizer.lengths(col) for col in columns]
+        if len(columns) == 2 and self.both:
+            per_column.append(self.tokenizer.lengths(columns[0], columns[1]))
         return [max(ls) for ls in zip(*per_column)]
 
     def inputs_per_example(self, examples: Sequence[Example]) -> int:
         """Encoder inputs (rows of a batch) each example becomes: two for a bi-encoder
-        pair, each padded to the longest of the batch."""
+        pair, three for a pair encoded both ways, each padded to the longest of the batch."""
         columns = len(examples[0].texts)
+        if columns == 2 and self.both:
+            return 3
         return 1 if columns == 2 and not self.separate else columns
+
+
+def stack_encoded(parts: Sequence[Encoded], pad_id: int) -> Encoded:
+    """Several encoded batches as one, each padded to the longest: input_ids with the
+    [PAD] id, token types and attention mask with 0, as the tokenizer pads."""
+    length = max(p.input_ids.shape[1] for p in parts)
+
+    def cat(name: str, value: int) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(getattr(p, name),
+                                                  (0, length - p.input_ids.shape[1]), value=value)
+                          for p in parts])
+    return Encoded(cat("input_ids", pad_id), cat("token_type_ids", 0), cat("attention_mask", 0))
 
 
 def pass_seed(seed: int, epoch: int) -> str:

@@ -97,10 +97,8 @@ def predict(model: torch.nn.Module, task, split: str, device: torch.device,
     if dist is not None and dist.enabled:
         batches = batches[dist.rank::dist.world_size]
     rows = []  # (index in the file, id, value, label)
-    for indices, batch in zip(batches, make_loader(examples, task.collate, 1, shuffle=False,
-                                                    batches=batches)):
-        batch = batch.to(device)
-        predicted = task.predict(model(task.name, batch)).cpu().tolist()
+    for indices, batch, output in evaluated(model, task, examples, batches, device):
+        predicted = task.predict(output).cpu().tolist()
         gold = batch.labels.cpu().tolist() if batch.labels is not None else [None] * len(indices)
         rows += zip(indices, batch.ids, predicted, gold)
     if dist is not None and dist.enabled:
@@ -108,6 +106,31 @@ def predict(model: torch.nn.Module, task, split: str, device: torch.device,
     rows.sort(key=lambda row: row[0])
     return Predictions(task, split, [r[1] for r in rows], [r[2] for r in rows],
                        [r[3] for r in rows if r[3] is not None])
+
+
+def evaluated(model, task, examples, batches, device):
+    """(example indices, batch on `device`, the model's raw output) per batch of indices."""
+    loader = make_loader(examples, task.collate, 1, shuffle=False, batches=batches)
+    for indices, batch in zip(batches, loader):
+        batch = batch.to(device)
+        yield indices, batch, model(task.name, batch)
+
+
+@torch.inference_mode()
+def outputs(model: torch.nn.Module, task, split: str, device: torch.device
+            ) -> tuple[list, torch.Tensor, list]:
+    """A task's ids, outputs (one row per example, as tasks.Task.output gives them: what
+    an ensemble averages) and labels on one of its splits, in file order; one process."""
+    model.eval()
+    examples = task.examples(split)
+    rows = [None] * len(examples)  # (id, output, label)
+    for indices, batch, output in evaluated(model, task, examples, eval_batches(task, examples),
+                                            device):
+        gold = batch.labels.cpu().tolist() if batch.labels is not None else [None] * len(indices)
+        for i, example_id, row, label in zip(indices, batch.ids, task.output(output).cpu(), gold):
+            rows[i] = (example_id, row, label)
+    return ([r[0] for r in rows], torch.stack([r[1] for r in rows]),
+            [r[2] for r in rows if r[2] is not None])
 
 
 def predict_all(model, tasks, device, splits: Sequence[str], dist=None) -> list[Predictions]:

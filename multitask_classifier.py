@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from datasets import subsample
-from engine import run
+from engine import ensemble, run
 from engine.cli import explicit_options, parse_config, run_cli
 from engine.configs import MultitaskConfig
 from engine.losses import configure_losses
@@ -47,21 +47,40 @@ def train(cfg: MultitaskConfig) -> str:
 
 
 def evaluate_checkpoint(cfg: MultitaskConfig, given: dict) -> str:
-    """--eval_only: rebuild the model a checkpoint was trained as, then predict."""
-    saved = run.load_saved(cfg.load, SCRIPT)
+    """--eval_only: rebuild the model a checkpoint was trained as, then predict; several
+    checkpoints predict as one ensemble (engine/ensemble.py)."""
+    loads = cfg.loads
+    saved = [run.load_saved(path, SCRIPT) for path in loads]
     ignored = sorted(set(given) - {"eval_only", "load", "data_dir", "run_dir", "use_gpu", "progress"})
     if ignored:
         print(f"note: --eval_only uses the checkpoint's own settings; ignoring "
               f"{', '.join('--' + name for name in ignored)}")
-    trained = MultitaskConfig.from_saved(saved["config"], data_dir=cfg.data_dir,
-                                         eval_only=False, load="", use_gpu=cfg.use_gpu)
-    with run.evaluation_dir(cfg.load, cfg.run_dir, (cfg.data_dir,)) as run_dir:
-        predictions, scores = run.evaluate_saved(cfg.load, trained, build_tasks, saved, run_dir,
-                                                 choose_device(cfg.use_gpu))
+    trained = [MultitaskConfig.from_saved(s["config"], data_dir=cfg.data_dir, eval_only=False,
+                                          load="", use_gpu=cfg.use_gpu) for s in saved]
+    device = choose_device(cfg.use_gpu)
+    members = ensemble_members(loads, trained, saved, device) if len(loads) > 1 else []
+    with run.evaluation_dir(loads[0], cfg.run_dir, (*loads[1:], cfg.data_dir),
+                            "ensemble" if members else "eval") as run_dir:
+        if members:
+            predictions, scores = ensemble.evaluate(members, run_dir, device)
+        else:
+            predictions, scores = run.evaluate_saved(cfg.load, trained[0], build_tasks, saved[0],
+                                                     run_dir, device)
     tasks = [p.task for p in predictions]
-    print(format_results(scores, tasks, f"dev results of {cfg.load}")
-          + f"\npredictions in {run_dir}")
+    what = f"the ensemble of {', '.join(loads)}" if members else cfg.load
+    print(format_results(scores, tasks, f"dev results of {what}") + f"\npredictions in {run_dir}")
     return run_dir
+
+
+def ensemble_members(loads: list[str], trained: list[MultitaskConfig], saved: list[dict],
+                     device) -> list[ensemble.Member]:
+    """Each checkpoint's model and evaluated tasks, checked to agree before any folder is made."""
+    members = []
+    for path, cfg, checkpoint in zip(loads, trained, saved):
+        model, tasks = run.rebuild(checkpoint, cfg, build_tasks, ("dev", "test"), device, path)
+        members.append(ensemble.Member(path, model, {t.name: t for t in tasks if t.spec.evaluated}))
+    ensemble.check_agree(members)
+    return members
 
 
 def main(argv: list[str] | None = None) -> str:

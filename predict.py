@@ -6,10 +6,12 @@ pair tasks quora and sts) in, one line per input out:
 The prediction is a label index (sst, cfimdb, quora) or the 0-5 similarity score (sts);
 the detail is the label's name (sst, cfimdb), the paraphrase probability (quora) or the
 raw, unclamped score (sts). The checkpoint's own config decides everything else (pair
-encodings, max_length, pooling); no data folder is read.
+encodings, max_length, pooling); no data folder is read. Several --load checkpoints predict
+as one ensemble: each through its own model, their probabilities (or scores) averaged.
 
     echo "a gripping , funny film ." | python predict.py --load runs/<run>/best.pt --task sst
     python predict.py --load runs/<run>/best.pt --task quora --input pairs.tsv --output out.tsv
+    python predict.py --load runs/a/best.pt --load runs/b/best.pt --task sts --input pairs.tsv
 """
 from __future__ import annotations
 
@@ -22,14 +24,15 @@ import torch
 import classifier
 import multitask_classifier
 from engine import run
-from engine.cli import check_ranges, parse_config, run_cli
+from engine import ensemble
+from engine.cli import check_ranges, parse_config, repeated, run_cli
 from datasets import Example, make_loader
 from engine.errors import CheckpointError, ConfigError, DataError
 from engine.paths import check_kind
 from evaluation import format_prediction
 from engine.runfiles import STDIN, atomic_write, check_output, check_output_file, read_lines
 from engine.specs import SPECS
-from engine.tasks import Task
+from engine.tasks import KINDS, Task, average
 from utils import choose_device
 
 # the "script" a best.pt names -> its config class and task builder
@@ -40,7 +43,9 @@ SCRIPTS = {multitask_classifier.SCRIPT: (multitask_classifier.MultitaskConfig,
 
 @dataclass
 class PredictConfig:
-    load: str = field(default="", metadata={"help": "a run's best.pt"})
+    load: str = field(default="", metadata={
+        "help": "a run's best.pt; several (the flag repeated, or a comma-separated list): an "
+                "ensemble, their probabilities or scores averaged", "repeatable": True})
     task: str = field(default="sst", metadata={"help": "the head to predict with",
                                                "choices": list(SPECS)})
     input: str = field(default="", metadata={"help": "input file (default: stdin)"})
@@ -56,6 +61,7 @@ class PredictConfig:
     def __post_init__(self) -> None:
         if not self.load:
             raise ConfigError("--load CHECKPOINT is required")
+        repeated("load", self.load)
         check_ranges(self)
         check_kind("--input", self.input, "file")
 
@@ -103,30 +109,64 @@ def parse_rows(lines: Sequence[str], pair: bool, source: str) -> list[tuple[str,
 
 
 @torch.inference_mode()
-def predict_texts(model: torch.nn.Module, task: Task, rows: Sequence[tuple[str, ...]],
-                  device: torch.device, batch_size: int = 32) -> list[tuple]:
-    """(prediction, detail) per row, in order: (label index, label name) for sst and
-    cfimdb, (label index, paraphrase probability) for quora, (score clamped to 0-5, raw
-    score) for sts."""
+def texts_outputs(model: torch.nn.Module, task: Task, rows: Sequence[tuple[str, ...]],
+                  device: torch.device, batch_size: int = 32) -> torch.Tensor:
+    """The task's output for each row, in order (tasks.Task.output: what predictions are
+    made from, and what an ensemble averages)."""
     model.eval()
     examples = [Example(str(i), tuple(t.strip() for t in texts)) for i, texts in enumerate(rows)]
-    results = []
-    for batch in make_loader(examples, task.collate, batch_size, shuffle=False):
-        output = model(task.name, batch.to(device))
-        predicted = task.predict(output)
-        results += zip(predicted.cpu().tolist(), task.detail(output, predicted))
-    return results
+    return torch.cat([task.output(model(task.name, batch.to(device))).cpu()
+                      for batch in make_loader(examples, task.collate, batch_size, shuffle=False)])
+
+
+def decide(task: Task, output: torch.Tensor) -> list[tuple]:
+    """(prediction, detail) per row of outputs: (label index, label name) for sst and
+    cfimdb, (label index, paraphrase probability) for quora, (score clamped to 0-5, raw
+    score) for sts."""
+    kind = KINDS[task.spec.kind]
+    predicted = kind.predict(output)
+    return list(zip(predicted.tolist(), kind.detail(output, predicted, task.spec)))
+
+
+def predict_texts(model: torch.nn.Module, task: Task, rows: Sequence[tuple[str, ...]],
+                  device: torch.device, batch_size: int = 32) -> list[tuple]:
+    """(prediction, detail) per row, in order (see decide)."""
+    return decide(task, texts_outputs(model, task, rows, device, batch_size))
+
+
+def predict_ensemble(members: list[ensemble.Member], task_name: str,
+                     rows: Sequence[tuple[str, ...]], device: torch.device,
+                     batch_size: int = 32) -> list[tuple]:
+    """(prediction, detail) per row from the members' averaged outputs (tasks.average)."""
+    found = [texts_outputs(m.model, m.tasks[task_name], rows, device, batch_size) for m in members]
+    task = members[0].tasks[task_name]
+    return decide(task, average(task.spec.kind, found))
+
+
+def load_members(paths: list[str], task_name: str, device: torch.device,
+                 precision: str = "fp32") -> list[ensemble.Member]:
+    """Each checkpoint's model and its `task_name` task, checked to mean the same."""
+    members = []
+    for path in paths:
+        model, task = load_model(path, task_name, device, precision)
+        members.append(ensemble.Member(path, model, {task_name: task}))
+    ensemble.check_agree(members)
+    return members
 
 
 def predict(cfg: PredictConfig) -> list[str]:
     """Read, predict, write; returns the output lines."""
     if cfg.output:
         check_output_file(cfg.output)  # before the work, not after it
-        check_output("--output", cfg.output, (cfg.load, cfg.input), file=True)
+        check_output("--output", cfg.output, (*repeated("load", cfg.load), cfg.input), file=True)
     device = choose_device(cfg.use_gpu)
-    model, task = load_model(cfg.load, cfg.task, device, cfg.precision)
-    rows = parse_rows(read_lines(cfg.input or None), task.spec.pair, cfg.input or STDIN)
-    results = predict_texts(model, task, rows, device, cfg.batch_size)
+    members = load_members(repeated("load", cfg.load), cfg.task, device, cfg.precision)
+    rows = parse_rows(read_lines(cfg.input or None), SPECS[cfg.task].pair, cfg.input or STDIN)
+    if len(members) == 1:
+        results = predict_texts(members[0].model, members[0].tasks[cfg.task], rows, device,
+                                cfg.batch_size)
+    else:
+        results = predict_ensemble(members, cfg.task, rows, device, cfg.batch_size)
     lines = ["\t".join([format_prediction(p), format_prediction(d), *texts])
              for (p, d), texts in zip(results, rows)]
     text = "".join(line + "\n" for line in lines)

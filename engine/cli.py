@@ -30,11 +30,29 @@ def _arg_type(field_type: Any):
     return field_type
 
 
+class JoinRepeated(argparse.Action):
+    """A string option that may be given several times: `--load a --load b` is
+    `--load a,b` (its field stays one comma-separated string, as a saved config holds it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        previous = getattr(namespace, self.dest, "")
+        setattr(namespace, self.dest, f"{previous},{values}" if previous else values)
+
+
+def repeated(flag: str, value: str) -> list[str]:
+    """The values of a repeatable option (JoinRepeated); an empty one is refused."""
+    values = value.split(",")
+    if not all(v.strip() for v in values):
+        raise ConfigError(f"--{flag} {value!r}: an empty path in the list")
+    return values
+
+
 def build_parser(cls: Type[T], description: str = "") -> argparse.ArgumentParser:
     """An ArgumentParser with one `--name` option per field of the dataclass `cls`.
-    Field metadata may give `help` and `choices`, or `positional` for an optional
-    positional argument; bools become --flag / --no-flag. Abbreviations are off: a
-    recorded command must mean the same after an option is added."""
+    Field metadata may give `help` and `choices`, `positional` for an optional
+    positional argument, or `repeatable` for a string option given several times
+    (JoinRepeated; its default must be ""); bools become --flag / --no-flag. Abbreviations
+    are off: a recorded command must mean the same after an option is added."""
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # argparse takes only plain negative numbers for values: let `--lr -1e-3` through too.
@@ -45,6 +63,10 @@ def build_parser(cls: Type[T], description: str = "") -> argparse.ArgumentParser
         help_text = f.metadata.get("help", " ")
         if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="?", type=kind, default=default, help=help_text)
+        elif f.metadata.get("repeatable"):
+            if default != "":  # JoinRepeated would join the values to the default
+                raise TypeError(f"{cls.__name__}.{f.name}: a repeatable option must default to ''")
+            parser.add_argument(f"--{f.name}", action=JoinRepeated, default=default, help=help_text)
         elif kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
                                 default=default, help=help_text)

@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
-from engine.cli import SEED_RANGE, check_ranges
+from engine.cli import SEED_RANGE, check_ranges, repeated
 from engine.errors import ConfigError
 from engine.names import (AGGREGATORS, BALANCERS, ENCODINGS, MODES, OPTIONS, PCGRAD_REDUCTIONS,
                           POOLINGS, PRECISIONS, SAMPLINGS, SCHEDULERS, STS_LOSSES)
@@ -83,6 +83,10 @@ class RunConfig:
     pooling: str = field(default="mean", metadata=_help(
         "sentence vector for the linear heads", choices=list(POOLINGS)))
     bucket: bool = field(default=True, metadata=_help("length-bucketed training batches"))
+    ema: float = field(default=0.0, metadata=_help(
+        "keep an exponential moving average of the trainable weights with this decay (e.g. "
+        "0.999; warmed up as min(decay, (1 + n) / (10 + n)) at update n), evaluate it beside "
+        "the live weights each epoch and keep whichever is better as best.pt (0: off)"))
     run_dir: str = field(default="", metadata=_help("output folder (default runs/<name>-<time>)"))
     progress: bool = field(default=True, metadata=_help("tqdm progress bars"))
     precision: str = field(default="fp32", metadata=_help(
@@ -130,6 +134,7 @@ class RunConfig:
         self.check_number("hidden_dropout_prob", self.hidden_dropout_prob, low=0.0, high=1.0)
         if not 0.0 < self.layer_decay <= 1.0:  # also refuses NaN
             raise ConfigError(f"--layer_decay must be in (0, 1], got {self.layer_decay}")
+        self.check_number("ema", self.ema, low=0.0, high=1.0)
         check_ranges(self)  # max_length >= 4: [CLS] a [SEP] b [SEP]
 
     @staticmethod
@@ -182,9 +187,13 @@ class MultitaskConfig(RunConfig):
         "the evaluated tasks to train (comma-separated, any order), e.g. quora alone for a "
         "single-task baseline"))
     quora_encoding: str = field(default="cross", metadata=_help(
-        "cross: the pair as one input; bi: each sentence alone", choices=list(ENCODINGS)))
+        "cross: the pair as one input; bi: each sentence alone; both: a cross and a bi head, "
+        "trained on the mean of their losses, predicting from the mean of their probabilities",
+        choices=list(ENCODINGS)))
     sts_encoding: str = field(default="bi", metadata=_help(
-        "cross: the pair as one input; bi: cosine of the two sentences", choices=list(ENCODINGS)))
+        "cross: the pair as one input; bi: cosine of the two sentences; both: a cross and a bi "
+        "head, trained on the mean of their losses, predicting the mean of their scores",
+        choices=list(ENCODINGS)))
     seq_order: str = field(default=",".join(("quora", "sst", "sts")), metadata=_help(
         "task order of a seq epoch (comma-separated; an auxiliary task goes last)"))
     batch_size_sst: int = 8
@@ -243,7 +252,10 @@ class MultitaskConfig(RunConfig):
         "and balancings need the task gradients, and compute them, every step"))
     eval_only: bool = field(default=False, metadata=_help(
         "evaluate and predict from --load (its saved config wins over training flags)"))
-    load: str = field(default="", metadata=_help("a best.pt checkpoint, for --eval_only"))
+    load: str = field(default="", metadata=_help(
+        "a best.pt checkpoint, for --eval_only; several (the flag repeated, or one "
+        "comma-separated list): an ensemble, their probabilities or scores averaged",
+        repeatable=True))
     label: str = field(default="", metadata=_help(
         "the name of this run's configuration in report.py's tables and figures (runs with "
         "one label are one row, e.g. its seeds); empty: named from the settings. grid.py "
@@ -268,6 +280,8 @@ class MultitaskConfig(RunConfig):
             raise ConfigError("--aggregator and --balance need --mode mix (one batch of every task per step)")
         if self.eval_only and not self.load:
             raise ConfigError("--eval_only needs --load CHECKPOINT")
+        if self.load:
+            repeated("load", self.load)  # an empty path in the list: refused here
         chosen = self.tasks.split(",")
         if not set(chosen) <= set(TASK_NAMES) or len(set(chosen)) < len(chosen):
             raise ConfigError(f"--tasks must name some of {', '.join(TASK_NAMES)}, each once, "
@@ -321,6 +335,10 @@ class MultitaskConfig(RunConfig):
         if self.sts_loss == "cosent" and (self.sts_encoding != "bi" or "sts" not in trained):
             raise ConfigError("--sts_loss cosent needs the STS bi-encoder (its cosine "
                               "score): --sts_encoding bi, with sts among --tasks")
+
+    def loads(self) -> list[str]:
+        """--load's checkpoints: one, or an ensemble's members."""
+        return repeated("load", self.load) if self.load else []
 
     @property
     def all_task_names(self) -> tuple[str, ...]:

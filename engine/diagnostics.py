@@ -61,6 +61,9 @@ def format_epoch(record: dict) -> str:
     dev = " ".join(f"{k} {v:.3f}" for k, v in record["dev"].items())
     text = (f"epoch {record['epoch']}: train loss [{losses}] dev [{dev}] "
             f"overall {record['overall']:.3f} ({record['seconds']:.0f}s)")
+    if "dev_ema" in record:
+        ema = " ".join(f"{k} {v:.3f}" for k, v in record["dev_ema"].items())
+        text += f"\n  ema weights: dev [{ema}] overall {record['overall_ema']:.3f}"
     if record.get("grad_norm"):
         text += "\n  grad norm: " + " ".join(f"{k} {v:.3g}" for k, v in record["grad_norm"].items())
     for pair, stats in record["grad"].items():

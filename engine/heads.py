@@ -5,10 +5,13 @@ Heads take the shared encoder's output for a batch (bert.BertOutput: from one ca
 batch, or from BertModel.forward_many for all of a step's tasks at once) and the batch, and
 return the task's raw output: logits (B, C) for classification, one logit (B,) for binary
 paraphrase detection, a score (B,) for similarity. The caller runs the encoder, so that a
-training step can encode every task's sequences in one pass. Pair tasks come in two encodings:
+training step can encode every task's sequences in one pass. Pair tasks come in three encodings:
   cross: `[CLS] a [SEP] b [SEP]` as one input, a linear layer on its pooled vector;
   bi:    each sentence encoded alone and mean-pooled (u, v); similarity scored as
-         5 * cos(u, v), paraphrase classified from [u, v, |u - v|, u * v].
+         5 * cos(u, v), paraphrase classified from [u, v, |u - v|, u * v];
+  both:  a cross head and a bi head on the same pair, their outputs stacked (B, 2); the
+         task trains on the mean of their losses and predicts from the mean of their
+         scores or probabilities (tasks.average).
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ class TaskHead(nn.Module):
     kind: str = ""
     reads_pooler: bool = False  # MultitaskBERT.train_encoder freezes an unread pooler
     separate_pair: bool = False  # a pair's sentences are encoded as two inputs (bi-encoder)
+    both_pair: bool = False  # a pair is encoded both ways: cross rows, then the bi rows
     pooling: str = "mean"
 
     def describe(self, task: str, pair: bool) -> dict:
@@ -109,11 +113,55 @@ class BiEncoderHead(TaskHead):
         return {"kind": self.kind, "pooling": "mean", "input": BI_INPUT, "formula": formula}
 
 
+BOTH_INPUT = ("the pair encoded both ways in one batch: first the B cross inputs, then "
+              "the 2B single sentences (first sentences, then seconds)")
+BOTH_FORMULA = {"cosine": "output = (cross + bi) / 2: the mean of the two scores",
+                "features": "output = logit((sigmoid(cross) + sigmoid(bi)) / 2): the mean of "
+                            "the two probabilities, as a logit"}
+
+
+class BothHead(TaskHead):
+    """A cross head and a bi head on the same pair (one batch holds the pair both ways:
+    datasets.Collator(both=True)). Returns both raw outputs, (B, 2): cross, bi; the task
+    averages them (tasks.Task.output) and trains on both (tasks.Task.loss)."""
+    kind = "both"
+    both_pair = True
+
+    def __init__(self, hidden: int, dropout: float, pooling: str, score: str):
+        super().__init__()
+        self.cross = LinearHead(hidden, 1, dropout, pooling)
+        self.bi = BiEncoderHead(hidden, dropout, score)
+        self.pooling, self.reads_pooler = pooling, self.cross.reads_pooler
+
+    def forward(self, out: BertOutput, batch: Batch) -> torch.Tensor:
+        size = len(batch)
+        cross = self.cross(*rows(out, batch, 0, size))
+        bi = self.bi(*rows(out, batch, size, 3 * size))
+        return torch.stack([cross, bi], dim=-1)  # (B, 2)
+
+    def describe(self, task: str, pair: bool) -> dict:
+        return {"kind": self.kind, "pooling": self.pooling, "input": BOTH_INPUT,
+                "formula": BOTH_FORMULA[self.bi.score],
+                "cross": self.cross.describe(f"{task}.cross", pair),
+                "bi": self.bi.describe(f"{task}.bi", pair)}
+
+
+def rows(out: BertOutput, batch: Batch, start: int, end: int) -> tuple[BertOutput, Batch]:
+    """The encoder's output and the batch for rows [start, end) of a batch's inputs."""
+    encoded = batch.encoded
+    part = type(encoded)(*(t[start:end] for t in (encoded.input_ids, encoded.token_type_ids,
+                                                  encoded.attention_mask)))
+    return (BertOutput(out.last_hidden_state[start:end], out.pooler_output[start:end]),
+            Batch(batch.ids, part, batch.labels))
+
+
 def head_kind(spec: TaskSpec, encoding: str) -> str:
-    """linear, bi_cosine or bi_features: the one rule of which head a task gets
+    """linear, bi_cosine, bi_features or both: the one rule of which head a task gets
     (`encoding` matters for pair tasks only)."""
     if spec.pair and encoding == "bi":
         return "bi_cosine" if spec.kind == "regression" else "bi_features"
+    if spec.pair and encoding == "both":
+        return "both"
     return "linear"
 
 
@@ -123,6 +171,8 @@ def make_head(spec: TaskSpec, hidden: int, dropout: float, pooling: str, encodin
     kind = head_kind(spec, encoding)
     if kind == "linear":
         head = LinearHead(hidden, spec.num_outputs, dropout, pooling)
+    elif kind == "both":
+        head = BothHead(hidden, dropout, pooling, head_kind(spec, "bi").removeprefix("bi_"))
     else:
         head = BiEncoderHead(hidden, dropout, kind.removeprefix("bi_"))
     head.apply(lambda m: init_module(m, std))

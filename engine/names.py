@@ -7,7 +7,7 @@ OPTIONS = ("pretrain", "finetune")
 MODES = ("seq", "mix")
 SCHEDULERS = ("constant", "linear")
 POOLINGS = ("mean", "cls", "pooler")
-ENCODINGS = ("cross", "bi")
+ENCODINGS = ("cross", "bi", "both")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 AGGREGATORS = ("sum", "pcgrad", "mgda", "imtl_g", "cagrad", "nash_mtl", "aligned_mtl", "upgrad",
                "dualproj", "rlw")

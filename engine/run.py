@@ -218,10 +218,11 @@ def saved_tokenizer(saved: dict, cfg: RunConfig, source: str) -> BertTokenizer:
     return BertTokenizer.from_pretrained(cfg.checkpoint or default_checkpoint_path(), cfg.max_length)
 
 
-def evaluation_dir(load: str, run_dir: str, reads: tuple = ()):
+def evaluation_dir(load: str, run_dir: str, reads: tuple = (), name: str = "eval"):
     """Where --eval_only writes, claimed while it does (claim_run_dir): never over a run, an
-    earlier evaluation or what it reads; by default LOAD's folder/eval, else eval-2, ..."""
-    default = os.path.join(os.path.dirname(os.path.abspath(load)), "eval")
+    earlier evaluation or what it reads; by default LOAD's folder/eval (`name`), else
+    eval-2, ..."""
+    default = os.path.join(os.path.dirname(os.path.abspath(load)), name)
     return claim_run_dir("--run_dir", run_dir, default,
                          lambda folder: check_output("--run_dir", folder, (load, *reads)))
 

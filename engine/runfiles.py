@@ -22,6 +22,7 @@ CHECKPOINT_FILE = "best.pt"
 LAST_FILE = "last.pt"  # the state to resume from; removed once the run is complete
 PREDICTIONS_DIR = "predictions"
 DIVERGED_FILE = "diverged.json"
+ENSEMBLE_FILE = "ensemble.json"  # --eval_only of several checkpoints: members, dev scores
 STEPS_FILE = "steps.jsonl"  # steplog.py's live log
 TENSORBOARD_DIR = "tensorboard"
 # What a run that stopped before its first save leaves beside its config.json: a new start

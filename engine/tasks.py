@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,20 @@ KINDS = {
 }
 
 
+def average(kind: str, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Several outputs of one task (a both head's two, an ensemble's members') as one
+    output of the same meaning, which predict and detail read as one head's: the mean score
+    (regression), or the mean probability as log-probabilities (classification: softmax)
+    or a logit (binary: sigmoid). In float64: the mean of identical outputs is that output
+    exactly (regression), and its argmax or sign is theirs."""
+    stacked = torch.stack([o.double() for o in outputs])
+    if kind == "regression":
+        return stacked.mean(0)
+    if kind == "binary":
+        return torch.logit(torch.sigmoid(stacked).mean(0))
+    return torch.softmax(stacked, dim=-1).mean(0).log()
+
+
 @dataclass
 class Task:
     spec: TaskSpec
@@ -71,14 +85,22 @@ class Task:
         return self.spec.name
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.weight * (self.loss_fn or KINDS[self.spec.kind].loss)(output, labels)
+        loss = self.loss_fn or KINDS[self.spec.kind].loss
+        if self.head.both_pair:  # the mean of its cross and bi heads' losses
+            cross, bi = output.unbind(-1)
+            return self.weight * ((loss(cross, labels) + loss(bi, labels)) / 2)
+        return self.weight * loss(output, labels)
+
+    def output(self, raw: torch.Tensor) -> torch.Tensor:
+        """The head's output as KINDS reads it: a both head's two outputs averaged."""
+        return average(self.spec.kind, raw.unbind(-1)) if self.head.both_pair else raw
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
-        return KINDS[self.spec.kind].predict(output)
+        return KINDS[self.spec.kind].predict(self.output(output))
 
     def detail(self, output: torch.Tensor, predicted: torch.Tensor) -> list:
         """Per row: the label's name, the paraphrase probability or the raw score."""
-        return KINDS[self.spec.kind].detail(output.cpu(), predicted.cpu(), self.spec)
+        return KINDS[self.spec.kind].detail(self.output(output).cpu(), predicted.cpu(), self.spec)
 
     def describe(self, dev: dict) -> dict:
         """This task's heads.json entry (how to apply its head by hand; its dev score)."""
@@ -138,5 +160,5 @@ def build_task(spec: TaskSpec, data_dir: str, tokenizer, encoder_config, batch_s
     data = read_task_data(spec, data_dir, splits, train_file)
     head = make_head(spec, encoder_config.hidden_size, dropout, pooling, encoding,
                      encoder_config.initializer_range)
-    collate = Collator(tokenizer, separate=head.separate_pair)
+    collate = Collator(tokenizer, separate=head.separate_pair, both=head.both_pair)
     return Task(spec, head, collate, batch_size, weight=weight, train_file=train_file, **data)

@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from typing import Callable
 
@@ -24,6 +25,7 @@ from engine.combiner import Combiner
 from engine.configs import RunConfig
 from engine.diagnostics import GradDiagnostics, format_epoch
 from engine.distributed import Dist, broadcast_parameters_
+from engine.ema import EMA
 from engine.errors import Interrupted
 from engine.fingerprint import FINGERPRINT
 from engine.runfiles import (CHECKPOINT_FILE, DIVERGED_FILE, LAST_FILE, METRICS_FILE,
@@ -61,6 +63,7 @@ class Trainer:
         self.has_saved_state = False
         self.steps = StepLog(run_dir, [t.name for t in self.tasks], cfg.log_every_steps
                              if dist.is_main else 0, cfg.tensorboard and dist.is_main)
+        self.ema = EMA(self.model, cfg.ema) if cfg.ema else None
 
     # --- what last.pt holds --------------------------------------------------------------
 
@@ -78,6 +81,7 @@ class Trainer:
             "steplog": self.steps.state_dict(),
             **(self.combiner.state_dict() if self.combiner is not None else {}),
             **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
 
     def load_state_dict(self, saved: dict) -> None:
@@ -94,6 +98,8 @@ class Trainer:
             self.combiner.load_state_dict(saved)
         if self.ctx.scaler is not None:
             self.ctx.scaler.load_state_dict(saved["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(saved["ema"])
         restore_rng(saved, self.dist.rank)
 
     def save(self) -> None:
@@ -155,6 +161,8 @@ class Trainer:
         drawn = [stream.next_step() for stream in streams]
         losses, gram, self.agreed_stop = self.guarded(train_step, self.ctx, tasks, drawn, optimizer,
                                                       combiner, self.stop_signal)
+        if self.ema is not None:
+            self.ema.update()
         return losses, gram
 
     def train_epoch_mix(self, epoch: int) -> tuple[dict, dict]:
@@ -241,11 +249,14 @@ class Trainer:
         score = overall(dev)
         record = {"epoch": epoch, "train_loss": losses, "dev": dev, "overall": score,
                   **grad_stats, "seconds": round(seconds, 1)}
+        weights = "live"
+        if self.ema is not None:
+            weights, dev, score, predictions = self.evaluate_ema(record, dev, score, predictions)
         self.log(format_epoch(record))
         if score > self.state.best:
             self.state.best, self.state.best_epoch = score, epoch
-            self.state.best_dev = {**dev, "overall": score}
-            self.save_best(epoch, dev, score)
+            self.state.best_dev, self.state.best_weights = {**dev, "overall": score}, weights
+            self.save_best(epoch, dev, score, weights)
             self.write(predictions)
         self.state.next_epoch(record, len(self.tasks))
         self.diagnostics = GradDiagnostics(self.tasks)
@@ -258,16 +269,28 @@ class Trainer:
         if stop:
             self.after_step(stop)
 
+    def evaluate_ema(self, record: dict, dev: dict, score: float, predictions: list) -> tuple:
+        """The averaged weights on dev too (the record's dev_ema, overall_ema): returns the
+        better of the two ("ema" or "live", dev, overall, predictions); a tie keeps live."""
+        with self.ema.applied():
+            averaged = predict_all(self.model, self.eval_tasks, self.device, ("dev",), self.dist)
+        record.update(dev_ema=dev_scores(averaged), overall_ema=overall(dev_scores(averaged)))
+        return (("ema", record["dev_ema"], record["overall_ema"], averaged)
+                if record["overall_ema"] > score else ("live", dev, score, predictions))
+
     def write(self, predictions: list[Predictions]) -> None:
         for p in predictions if self.dist.is_main else []:
             p.write(self.run_dir)
 
-    def save_best(self, epoch: int, dev: dict, score: float) -> None:
+    def save_best(self, epoch: int, dev: dict, score: float, weights: str = "live") -> None:
+        """best.pt: the live weights, or (weights "ema") the averaged ones."""
         if not self.dist.is_main:
             return
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        save_checkpoint(self.best_path, {"model": state, "epoch": epoch, "dev": dev,
-                                         "overall": score, **self.checkpoint_extra})
+        which = {"weights": weights} if self.ema is not None else {}
+        with self.ema.applied() if weights == "ema" else nullcontext():
+            state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            save_checkpoint(self.best_path, {"model": state, "epoch": epoch, "dev": dev,
+                                             "overall": score, **which, **self.checkpoint_extra})
 
     def finish(self) -> dict:
         """Reload the best checkpoint, write its test predictions, mark the run complete."""
@@ -276,7 +299,8 @@ class Trainer:
         broadcast_parameters_(self.model)
         self.write(predict_all(self.model, self.eval_tasks, self.device, ("test",), self.dist))
         summary = {"best_epoch": self.state.best_epoch, "best": self.state.best_dev,
-                   "epochs": self.cfg.epochs}
+                   "epochs": self.cfg.epochs,
+                   **({"weights": self.state.best_weights} if self.ema is not None else {})}
         if self.dist.is_main:
             write_json(os.path.join(self.run_dir, SUMMARY_FILE), summary)
             if os.path.exists(self.last_path):  # complete: nothing left to resume

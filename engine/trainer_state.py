@@ -27,6 +27,7 @@ class Progress:
     best: float = -math.inf
     best_epoch: int = 0
     best_dev: dict = field(default_factory=dict)
+    best_weights: str = "live"  # --ema: which weights best.pt holds ("live" or "ema")
     totals: list = field(default_factory=list)  # per task: the epoch's summed losses
     record: dict | None = None  # the last finished epoch's metrics line
 

@@ -16,7 +16,9 @@ from base_bert import convert_state_dict, from_pretrained, hf_name_map, to_hf_st
 from bert import BertModel, mean_pool
 from config import BertConfig
 from datasets import Collator, Example
-from engine.heads import BiEncoderHead, LinearHead
+from engine.heads import BiEncoderHead, BothHead, LinearHead
+from engine.specs import AUX, SPECS
+from engine.tasks import Task
 from tokenizer import BertTokenizer
 
 SENTENCES = ["the movie is great .", "how do i cook rice ?", "a woman sings .",
@@ -29,6 +31,8 @@ RUNS = {
     # cross-encoded pairs on the pooler, and the auxiliary head
     "cross": ["--quora_encoding", "cross", "--sts_encoding", "cross", "--pooling", "pooler",
               "--aux", "AUX"],
+    # a cross and a bi head per pair task, their outputs averaged
+    "both": ["--quora_encoding", "both", "--sts_encoding", "both", "--pooling", "cls"],
 }
 
 
@@ -101,6 +105,13 @@ def apply_by_hand(entry: dict, tensors: dict, encoder: BertModel,
                   tokenizer: BertTokenizer) -> torch.Tensor:
     """What heads.json tells a reader to do, written from its fields alone."""
     task = entry["task"]
+    if entry["kind"] == "both":  # each part as its own entry says, then their mean
+        cross, bi = (apply_by_hand({**entry[part], "task": f"{task}.{part}", "pair": True,
+                                    "num_outputs": 1}, tensors, encoder, tokenizer)
+                     for part in ("cross", "bi"))
+        if entry["formula"].startswith("output = logit("):  # the mean probability
+            return torch.logit((torch.sigmoid(cross) + torch.sigmoid(bi)) / 2)
+        return (cross + bi) / 2
     with torch.no_grad():
         if entry["kind"] == "linear":
             enc = tokenizer.encode(SENTENCES, SECONDS if entry["pair"] else None)
@@ -133,15 +144,20 @@ def test_heads_reproduce_the_trained_heads(exported):
         # The head as trained, from tasks.py and the checkpoint.
         if entry["kind"] == "linear":
             head = LinearHead(hidden, entry["num_outputs"], 0.0, entry["pooling"])
+        elif entry["kind"] == "both":
+            head = BothHead(hidden, 0.0, entry["pooling"],
+                            "cosine" if entry["bi"]["kind"] == "bi_cosine" else "features")
         else:
             head = BiEncoderHead(hidden, 0.0, "cosine" if entry["kind"] == "bi_cosine" else "features")
         head.load_state_dict({k.removeprefix(f"heads.{task}."): v for k, v in saved["model"].items()
                               if k.startswith(f"heads.{task}.")})
         examples = [Example(str(i), (a, b) if entry["pair"] else (a,))
                     for i, (a, b) in enumerate(zip(SENTENCES, SECONDS))]
-        batch = Collator(tokenizer, separate=entry["kind"] != "linear")(examples)
+        batch = Collator(tokenizer, separate=entry["kind"].startswith("bi"),
+                         both=entry["kind"] == "both")(examples)
         with torch.no_grad():
-            reference = head.eval()(trained(**batch.encoded.as_kwargs()), batch)
+            raw = head.eval()(trained(**batch.encoded.as_kwargs()), batch)
+            reference = Task({**SPECS, "aux": AUX}[task], head, None, 1).output(raw).float()
         torch.testing.assert_close(apply_by_hand(entry, tensors, encoder, tokenizer), reference,
                                    atol=1e-5, rtol=1e-5)
         assert entry["metric"] == {"sst": "accuracy", "quora": "accuracy", "sts": "pearson",

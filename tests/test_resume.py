@@ -78,7 +78,11 @@ MODES = {"mix-pcgrad": ["--mode", "mix", "--pcgrad", "--hidden_dropout_prob", "0
          "mix-temperature": ["--mode", "mix", "--pcgrad", "--sampling", "temperature",
                              "--sampling_temperature", "1", "--sampling_batch_size", "8"],
          "mix-annealed": ["--mode", "mix", "--sampling", "annealed", "--sampling_batch_size", "8",
-                          "--grad_diagnostics_every", "3"]}
+                          "--grad_diagnostics_every", "3"],
+         # the moving average of the weights (its shadow and update count are in last.pt)
+         "mix-ema": ["--mode", "mix", "--ema", "0.9"],
+         # pair tasks with a cross and a bi head each (one batch holds a pair both ways)
+         "mix-both": ["--mode", "mix", "--sts_encoding", "both", "--quora_encoding", "both"]}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
