@@ -336,6 +336,7 @@ class MultitaskConfig(RunConfig):
             raise ConfigError("--sts_loss cosent needs the STS bi-encoder (its cosine "
                               "score): --sts_encoding bi, with sts among --tasks")
 
+    @property
     def loads(self) -> list[str]:
         """--load's checkpoints: one, or an ensemble's members."""
         return repeated("load", self.load) if self.load else []

@@ -84,16 +84,22 @@ class Task:
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def both_pair(self) -> bool:
+        """A pair task with a cross and a bi head (--*_encoding both); a task without a
+        head (a loss on its own, in tests) has one output."""
+        return getattr(self.head, "both_pair", False)
+
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = self.loss_fn or KINDS[self.spec.kind].loss
-        if self.head.both_pair:  # the mean of its cross and bi heads' losses
+        if self.both_pair:  # the mean of its cross and bi heads' losses
             cross, bi = output.unbind(-1)
             return self.weight * ((loss(cross, labels) + loss(bi, labels)) / 2)
         return self.weight * loss(output, labels)
 
     def output(self, raw: torch.Tensor) -> torch.Tensor:
         """The head's output as KINDS reads it: a both head's two outputs averaged."""
-        return average(self.spec.kind, raw.unbind(-1)) if self.head.both_pair else raw
+        return average(self.spec.kind, raw.unbind(-1)) if self.both_pair else raw
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
         return KINDS[self.spec.kind].predict(self.output(output))
