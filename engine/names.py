@@ -10,6 +10,6 @@ POOLINGS = ("mean", "cls", "pooler")
 ENCODINGS = ("cross", "bi")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 AGGREGATORS = ("sum", "pcgrad", "mgda", "imtl_g", "cagrad", "nash_mtl", "aligned_mtl", "upgrad",
-               "dualproj", "rlw")
-BALANCERS = ("none", "uncertainty", "dwa", "grad_norm")
+               "dualproj", "rlw", "fairgrad", "gradvac")
+BALANCERS = ("none", "uncertainty", "dwa", "grad_norm", "famo")
 PCGRAD_REDUCTIONS = ("sum", "mean")

@@ -68,7 +68,11 @@ MODES = {"mix-pcgrad": ["--mode", "mix", "--pcgrad", "--hidden_dropout_prob", "0
          "mix-sampled": ["--mode", "mix", "--grad_diagnostics_every", "3"],
          "seq": ["--mode", "seq"],
          # fp16 autocast with loss scaling, on the CPU: the GradScaler's state is in last.pt
-         "mix-fp16": ["--mode", "mix", "--precision", "fp16", "--aggregator", "aligned_mtl"]}
+         "mix-fp16": ["--mode", "mix", "--precision", "fp16", "--aggregator", "aligned_mtl"],
+         # stateful combinations: GradVac's targets and order, FAMO's logits, Adam moments
+         # and last losses, the smoothed weights (beta 1/2: the state moves fast)
+         "mix-gradvac-famo": ["--mode", "mix", "--aggregator", "gradvac", "--gradvac_beta", "0.5",
+                              "--balance", "famo", "--smooth_weights", "0.5"]}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
