@@ -22,16 +22,16 @@ class FairGrad(Aggregator):
     F(w) = w^T G w / 2 - sum_k phi(w_k), phi' = w^(-1/alpha) (phi = log w for alpha = 1), on
     G / ||G||_F (w scales back by ||G||_F^(-alpha / (1 + alpha))): damped Newton, with a
     backtracking (Armijo) line search while the Newton decrement is >= 1/4 and full steps after,
-    to a relative residual of 1e-10, halving any step that would leave w > 0. The official code
-    and LibMTL / TorchJD run scipy's least_squares on the K residuals from w = 1/K, to its
-    default tolerances (our solutions agree with it to its tolerance, and are exact).
+    to a relative residual of 1e-10, halving any step that would leave w > 0 behind. The
+    official code and LibMTL / TorchJD run scipy's least_squares on the K residuals from
+    w = 1/K to its default tolerances: the same equations (the tests agree with it to 1e-5).
 
     Singular G: a task with a zero gradient has (G w)_k = 0 < w_k^(-1/alpha) for every finite
-    w_k, so no solution (least_squares drives w_k up to its iteration limit, harmlessly:
-    w_k g_k = 0); we set w_k = 0 and solve for the others, whose equations do not involve it.
-    Dependent gradients may have no solution either (a Pareto-stationary G makes F unbounded
-    below): `ridge` (x I, on G / ||G||_F) keeps w finite there, as in NashMTL. Not used: the
-    official trainer's clip_grad_norm_(max_norm=1)."""
+    w_k, so no solution (least_squares drives w_k up until it stops, harmlessly: w_k g_k = 0);
+    we set w_k = 0 and solve for the others, whose equations do not involve it. Dependent
+    gradients may have no solution either (a Pareto-stationary G leaves F without a
+    minimiser): `ridge` (x I, on G / ||G||_F) keeps w finite there, as in NashMTL. Not used:
+    the official trainer's clip_grad_norm_(max_norm=1)."""
     name = "fairgrad"
 
     def __init__(self, num_tasks: int, seed: int = 0, alpha: float = 1.0, ridge: float = 1e-10,

@@ -20,7 +20,9 @@ from config import BertConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # sum: DDP's averaging, and every 3rd step the diagnostics' per-task pass (no DDP sync:
 # one all-reduce of the rows) in the same run
-METHODS = {"sum": ["--grad_diagnostics_every", "3"], "pcgrad": ["--pcgrad"]}
+METHODS = {"sum": ["--grad_diagnostics_every", "3"], "pcgrad": ["--pcgrad"],
+           # stateful: GradVac's seeded order and targets, FAMO's logits from the global losses
+           "gradvac-famo": ["--aggregator", "gradvac", "--gradvac_beta", "0.5", "--balance", "famo"]}
 
 
 @pytest.fixture(scope="module")

@@ -141,13 +141,13 @@ def gradvac_in_p_dimensions(grads, rng, targets, beta):
 
 def test_gradvac_matches_the_paper_in_p_dimensions():
     """Several steps of K = 3 (the second task visited sees a partly vaccinated g_i'), beta
-    1/2 so that the targets move and the corrections differ from PCGrad's."""
+    0.3 so that the targets move and the corrections differ from PCGrad's."""
     rng, targets = random.Random(4), [[0.0] * 3 for _ in range(3)]
-    agg = make_aggregator("gradvac", 3, seed=4, beta=0.5)
+    agg = make_aggregator("gradvac", 3, seed=4, beta=0.3)
     corrected = 0
     for step in range(6):
         g = rand_grads(3, 4, step)
-        expected = gradvac_in_p_dimensions(g, rng, targets, 0.5)
+        expected = gradvac_in_p_dimensions(g, rng, targets, 0.3)
         torch.testing.assert_close(agg.weights(gram(g), None) @ g, expected, rtol=1e-10, atol=1e-12)
         corrected += any(x > 0 for row in targets for x in row)
     torch.testing.assert_close(agg.targets, t(targets), rtol=1e-10, atol=1e-12)
@@ -312,6 +312,14 @@ def test_options_reach_the_aggregator():
     assert spec.options == (("beta", 0.2),)
     assert MultitaskConfig(aggregator="upgrad").combination().options == ()  # default: no wrapper
     MultitaskConfig(balance="famo", weight_sts=0.0, tasks="sst,quora")  # sts not trained: fine
+
+
+def test_smoothed_runs_are_their_own_row():
+    from analysis.results import config_name, config_slug
+    cfg = MultitaskConfig(aggregator="upgrad", smooth_weights=0.9)
+    assert config_name(cfg) == "finetune-mix + upgrad + smoothed 0.9 (0.3)"
+    assert config_slug(cfg) == "finetune-mix-upgrad-smoothed-0-9-0.3"
+    assert config_name(MultitaskConfig(aggregator="upgrad")) == "finetune-mix + upgrad (0.3)"
 
 
 @pytest.mark.parametrize("flags", [["--aggregator", "fairgrad", "--fairgrad_alpha", "2"],
