@@ -63,6 +63,7 @@ def hand_weights(cfg: dict | MultitaskConfig) -> dict[str, float]:
 def _extras(cfg: MultitaskConfig) -> list[str]:
     method = cfg.aggregator
     labels = [] if method == "sum" else ["PCGrad" if method == "pcgrad" else method]
+    labels += [f"smoothed {cfg.smooth_weights:g}"] if cfg.smooth_weights else []
     if cfg.balance != "none":
         labels.append(f"{cfg.balance} balance")
     if hand_weights(cfg):

@@ -294,8 +294,16 @@ AGGREGATORS: dict[str, Callable[..., Aggregator]] = {
                               AlignedMTL, UPGrad, DualProj, RLW)}
 
 
-def make_aggregator(name: str, num_tasks: int, seed: int = 0, **options) -> Aggregator:
-    """AGGREGATORS[name](num_tasks, seed, **options); unknown options raise TypeError."""
+def make_aggregator(name: str, num_tasks: int, seed: int = 0, smooth: float = 0.0,
+                    **options) -> Aggregator:
+    """AGGREGATORS[name](num_tasks, seed, **options), its weights averaged over the steps
+    (CR-MOGM, Smoothed) if `smooth` > 0; unknown options raise TypeError."""
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregator {name!r}; choose from {', '.join(AGGREGATORS)}")
-    return AGGREGATORS[name](num_tasks, seed=seed, **options)
+    aggregator = AGGREGATORS[name](num_tasks, seed=seed, **options)
+    return recent.Smoothed(aggregator, smooth) if smooth else aggregator
+
+
+# FairGrad, GradVac and Smoothed live in their own module, which subclasses Aggregator and
+# adds its methods to AGGREGATORS: imported last, so that either module may be imported first.
+from engine import aggregators_recent as recent  # noqa: E402

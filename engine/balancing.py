@@ -144,8 +144,67 @@ class GradNormEqualiser(Balancer):
         self.steps = state["steps"]
 
 
+class FAMO(Balancer):
+    """FAMO (Liu et al. 2023): task logits xi (K,), z = softmax(xi); the update is the
+    gradient of c sum_k z_k log(L_k + eps) (c a constant), so the scales are
+    s_k = c z_k / (L_k + eps), c = 1 / sum_k z_k / (L_k + eps) (sum s = 1), eps = 1e-8 as
+    officially. Then xi learns from each task's log-loss decrease
+    delta_k = log(L_k before + eps) - log(L_k after + eps): its gradient is the softmax's
+    Jacobian times delta, z * (delta - z . delta), stepped by Adam with L2 weight decay
+    gamma (torch.optim.Adam's weight_decay) as the official code: a task whose loss falls
+    slowly gains weight. lr 0.025 and gamma 1e-3 are the paper's (Alg. 2) and LibMTL's; the
+    official code defaults gamma to 1e-5 (1e-3 or 1e-2 in its run scripts).
+
+    Deviation: the official code measures "after" on the same batch with an extra forward
+    pass after the step; that costs a forward per step, so "after" is the next step's losses
+    (another batch): at step t, xi first learns from L_{t-1} -> L_t, then weights step t.
+    The first step has no previous losses (xi = 0, z uniform). Not used: the official
+    trainer's clip_grad_norm_(max_norm=1)."""
+    name = "famo"
+
+    def __init__(self, num_tasks: int, lr: float = 0.025, gamma: float = 1e-3,
+                 betas: tuple = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(num_tasks)
+        self.lr, self.gamma, self.betas, self.eps = lr, gamma, betas, eps
+        self.logits = torch.zeros(num_tasks, dtype=torch.float64)  # xi (K,)
+        self.moments = torch.zeros(2, num_tasks, dtype=torch.float64)  # Adam m, v
+        self.steps = 0
+        self.previous: torch.Tensor | None = None  # last step's L + 1e-8 (K,)
+
+    def scales(self, losses, gram):
+        shifted = _as_vector(losses) + 1e-8
+        if self.previous is not None:
+            self._learn(self.previous.log() - shifted.log())
+        self.previous = shifted
+        weights = torch.softmax(self.logits, 0) / shifted
+        return weights / weights.sum()
+
+    def _learn(self, decrease: torch.Tensor) -> None:
+        """One Adam step on xi, gradient d(z . delta)/d xi + gamma xi."""
+        z = torch.softmax(self.logits, 0)
+        grad = z * (decrease - z @ decrease) + self.gamma * self.logits
+        self.steps += 1
+        (b1, b2), (m, v) = self.betas, self.moments
+        m.mul_(b1).add_((1 - b1) * grad)
+        v.mul_(b2).add_((1 - b2) * grad ** 2)
+        m_hat, v_hat = m / (1 - b1 ** self.steps), v / (1 - b2 ** self.steps)
+        self.logits = self.logits - self.lr * m_hat / (v_hat.sqrt() + self.eps)
+
+    def state_dict(self):
+        return {"logits": self.logits.clone(), "moments": self.moments.clone(),
+                "steps": self.steps,
+                "previous": None if self.previous is None else self.previous.clone()}
+
+    def load_state_dict(self, state):
+        self.logits = state["logits"].clone()
+        self.moments = state["moments"].clone()
+        self.steps = state["steps"]
+        self.previous = None if state["previous"] is None else state["previous"].clone()
+
+
 BALANCERS: dict[str, Callable[..., Balancer]] = {
-    cls.name: cls for cls in (Balancer, Uncertainty, DynamicWeightAverage, GradNormEqualiser)}
+    cls.name: cls for cls in (Balancer, Uncertainty, DynamicWeightAverage, GradNormEqualiser,
+                              FAMO)}
 
 
 def make_balancer(name: str, num_tasks: int, **options) -> Balancer:

@@ -178,6 +178,13 @@ class MultitaskConfig(RunConfig):
     pcgrad_reduction: str = field(default="sum", metadata=_help(
         "combine projected gradients by sum (the paper) or mean", choices=list(PCGRAD_REDUCTIONS)))
     cagrad_c: float = field(default=0.4, metadata=_help("CAGrad's c (the radius of its ball)"))
+    fairgrad_alpha: float = field(default=1.0, metadata=_help(
+        "FairGrad's alpha (> 0): 1 proportional fairness, larger towards max-min fairness"))
+    gradvac_beta: float = field(default=0.01, metadata=_help(
+        "GradVac's EMA rate of its target cosines, in [0, 1) (0: PCGrad)"))
+    smooth_weights: float = field(default=0.0, metadata=_help(
+        "CR-MOGM: average the aggregator's weights over the steps, w = BETA w_prev + "
+        "(1 - BETA) w_new, BETA in [0, 1) (0: off)"))
     balance: str = field(default="none", metadata=_help(
         "loss balancing before the aggregator (balancing.py); grad_norm equalises the tasks' "
         "encoder gradient norms", choices=list(BALANCERS)))
@@ -269,6 +276,9 @@ class MultitaskConfig(RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_number("cagrad_c", self.cagrad_c, low=0.0)
+        self.check_number("fairgrad_alpha", self.fairgrad_alpha, low=0.0, low_open=True)
+        self.check_number("gradvac_beta", self.gradvac_beta, low=0.0, high=1.0)
+        self.check_number("smooth_weights", self.smooth_weights, low=0.0, high=1.0)
         check_kind("--aux", self.aux, "file")
         if self.pcgrad and self.aggregator not in ("sum", "pcgrad"):
             raise ConfigError(f"--pcgrad is --aggregator pcgrad; it contradicts --aggregator {self.aggregator}")
@@ -293,6 +303,10 @@ class MultitaskConfig(RunConfig):
             self.check_number(f"weight_{name}", self.weight(name), low=0.0)
         self.check_loss_options()
         check_sampling(self.sampling, self.mode, self.sampling_temperature)
+        trained = self.trained_task_names
+        if self.balance == "famo" and not all(self.weight(name) > 0 for name in trained):
+            raise ConfigError("--balance famo divides by each trained task's loss: every "
+                              "--weight_<task> of --tasks (and aux) must be > 0")
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -356,7 +370,10 @@ class MultitaskConfig(RunConfig):
 
     def combination(self) -> Combination:
         options = {"pcgrad": {"reduction": self.pcgrad_reduction},
-                   "cagrad": {"c": self.cagrad_c}}.get(self.aggregator, {})
+                   "cagrad": {"c": self.cagrad_c}, "fairgrad": {"alpha": self.fairgrad_alpha},
+                   "gradvac": {"beta": self.gradvac_beta}}.get(self.aggregator, {})
+        if self.smooth_weights:
+            options = {**options, "smooth": self.smooth_weights}
         return Combination(self.aggregator, tuple(options.items()), self.balance,
                            self.grad_diagnostics_every if self.grad_diagnostics else 0)
 

@@ -47,10 +47,10 @@ def ternary(f, lo=0.0, hi=1.0, iters=200):
 
 def test_registry():
     assert set(NAMES) == {"sum", "pcgrad", "mgda", "imtl_g", "cagrad", "nash_mtl",
-                          "aligned_mtl", "upgrad", "dualproj", "rlw"}
+                          "aligned_mtl", "upgrad", "dualproj", "rlw", "fairgrad", "gradvac"}
     assert all(make_aggregator(n, 3).name == n for n in NAMES)
     with pytest.raises(ValueError, match="unknown aggregator"):
-        make_aggregator("famo", 3)
+        make_aggregator("famo", 3)  # a balancer
     with pytest.raises(TypeError):
         make_aggregator("mgda", 3, c=0.5)
 

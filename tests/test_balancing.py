@@ -18,10 +18,10 @@ def close(actual, expected):
 
 
 def test_registry():
-    assert set(BALANCERS) == {"none", "uncertainty", "dwa", "grad_norm"}
+    assert set(BALANCERS) == {"none", "uncertainty", "dwa", "grad_norm", "famo"}
     assert all(make_balancer(n, 3).name == n for n in BALANCERS)
     with pytest.raises(ValueError, match="unknown balancer"):
-        make_balancer("famo", 3)
+        make_balancer("mgda", 3)  # an aggregator
     with pytest.raises(TypeError):
         make_balancer("dwa", 3, beta=0.5)
 

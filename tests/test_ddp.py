@@ -25,7 +25,9 @@ METHODS = {"sum": ["--grad_diagnostics_every", "3"], "pcgrad": ["--pcgrad"],
            # of one example leaves rank 1 a zero-weight batch (sampled_stream.py); the value
            # is per process, 2/3 of the batch size (2 on 2 processes x 3, 4 on 1 x 6)
            "sampled": ["--grad_diagnostics_every", "3", "--sampling", "temperature",
-                       "--sampling_batch_size", lambda batch: str(2 * batch // 3)]}
+                       "--sampling_batch_size", lambda batch: str(2 * batch // 3)],
+           # stateful: GradVac's seeded order and targets, FAMO's logits from the global losses
+           "gradvac-famo": ["--aggregator", "gradvac", "--gradvac_beta", "0.5", "--balance", "famo"]}
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,11 @@ MODES = {"mix-pcgrad": ["--mode", "mix", "--pcgrad", "--hidden_dropout_prob", "0
          # the moving average of the weights (its shadow and update count are in last.pt)
          "mix-ema": ["--mode", "mix", "--ema", "0.9"],
          # pair tasks with a cross and a bi head each (one batch holds a pair both ways)
-         "mix-both": ["--mode", "mix", "--sts_encoding", "both", "--quora_encoding", "both"]}
+         "mix-both": ["--mode", "mix", "--sts_encoding", "both", "--quora_encoding", "both"],
+         # stateful combinations: GradVac's targets and order, FAMO's logits, Adam moments
+         # and last losses, the smoothed weights (beta 1/2: the state moves fast)
+         "mix-gradvac-famo": ["--mode", "mix", "--aggregator", "gradvac", "--gradvac_beta", "0.5",
+                              "--balance", "famo", "--smooth_weights", "0.5"]}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
