@@ -13,3 +13,4 @@ AGGREGATORS = ("sum", "pcgrad", "mgda", "imtl_g", "cagrad", "nash_mtl", "aligned
                "dualproj", "rlw")
 BALANCERS = ("none", "uncertainty", "dwa", "grad_norm")
 PCGRAD_REDUCTIONS = ("sum", "mean")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
