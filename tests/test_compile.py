@@ -1,7 +1,8 @@
 """--compile (engine/compiling.py): TaskLosses compiled in place. The plumbing is tested with
-Dynamo's `eager` and `aot_eager` backends (MINBERT_COMPILE_BACKEND), which trace the step but
-run torch's own kernels: their numbers are the eager step's bit for bit. One test compiles
-with inductor itself (C++ kernels built by gcc): equal to eager up to float reassociation.
+Dynamo's `eager` backend (MINBERT_COMPILE_BACKEND), which traces the step (graph breaks,
+guards, recompiles) but runs torch's own kernels: its numbers are the eager step's bit for
+bit. One test (slow) compiles with inductor itself (C++ kernels built by gcc): equal to eager
+up to float reassociation (RTOL, ATOL below).
 The resume and torchrun cases are in test_resume.py and test_ddp.py."""
 import copy
 import shutil
@@ -38,10 +39,13 @@ def fresh_dynamo():
 
 
 def compiled_step(model, tasks, drawn, aggregator):
-    """one_step (test_packed) with TaskLosses compiled, as build_parts does."""
+    """one_step (test_packed) with TaskLosses compiled, as build_parts does (with its row
+    gradients for the word embedding: exactly the dense ones, test_row_gradients.py)."""
     from engine.combiner import Combiner
     from engine.configs import Combination
+    from engine.row_gradients import use_row_gradients
     from pcgrad import PCGrad
+    assert use_row_gradients(model.encoder, CPU, distributed=False)
     shared = [p for p in model.encoder.parameters() if p.requires_grad]
     combiner = None if aggregator is None else Combiner(
         Combination(aggregator), PCGrad(shared, len(tasks)), len(tasks), 0)
@@ -65,7 +69,7 @@ def assert_close_step(found, want, exact: bool):
 
 
 @pytest.mark.parametrize("aggregator", [None, "pcgrad"])
-def test_a_compiled_step_is_the_eager_step(step_setup, monkeypatch, aggregator):
+def test_a_compiled_step_is_the_eager_step(step_setup, monkeypatch, aggregator):  # noqa: F811
     """Losses and every gradient (two micro-batches per task, packed; or PCGrad's per-task
     passes) through the compiled TaskLosses: bitwise those of the eager step."""
     monkeypatch.setenv(BACKEND_ENV, "eager")
@@ -76,10 +80,10 @@ def test_a_compiled_step_is_the_eager_step(step_setup, monkeypatch, aggregator):
     assert_close_step(found, want, exact=True)
 
 
-@pytest.mark.slow  # ~5 min on 2 busy cores (OMP_NUM_THREADS=1), most of it gcc
+@pytest.mark.slow  # cold: ~2 min (OMP_NUM_THREADS=1, 2 busy cores; gcc), warm cache ~20 s
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                     reason="inductor's CPU kernels need a C++ compiler")
-def test_inductor_step_equals_eager_up_to_reassociation(step_setup, monkeypatch):
+def test_inductor_step_equals_eager_up_to_reassociation(step_setup, monkeypatch):  # noqa: F811
     """The real backend: C++ kernels for this CPU (gcc), dynamic shapes."""
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     assert compile_backend() == "inductor"
