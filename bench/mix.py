@@ -6,10 +6,11 @@ Prints ms/step and the ratio to the plain step; then what bounds the step on thi
 (bench/limits.py): the encoder's GEMM FLOPs per step on the real and the padded tokens,
 AdamW's memory traffic, the measured torch.mm rate at 2048^3 and at the step's own shapes,
 the fraction of that peak the plain step reaches, and (bench/phases.py) each method's time
-per phase: forward, backward, gradient combination, optimizer, other.
+per phase: forward, backward, gradient combination, optimizer, other. --compile: also each
+method with the step's forward compiled (bench/compiled.py): compile time, ms/step, ratio.
 
     python -m bench.mix [--steps 8] [--rounds 3] [--data_dir data] [--precision bf16]
-        [--methods pcgrad,grad_norm] [--threads N] [--phase_rounds 1]
+        [--methods pcgrad,grad_norm] [--threads N] [--phase_rounds 1] [--compile]
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench.compiled import compiled_lines, time_compiled
 from bench.limits import (StepFlops, adamw_line, flops_line, fraction_line, linear_shapes,
                           machine_header, measure_peaks, peak_for, peak_lines, read_cpu,
                           set_threads, step_flops, updated_elements)
@@ -33,6 +35,7 @@ from engine.combiner import Combiner
 from engine.configs import Combination, MultitaskConfig, default_data_dir
 from engine.distributed import Dist
 from engine.errors import ConfigError
+from engine.names import COMPILE_MODES
 from engine.step import make_context, train_step
 from multitask_classifier import build_tasks
 from optimizer import AdamW
@@ -58,6 +61,13 @@ class MixBenchConfig:
         "help": "rounds of the pass timing each phase apart (0: skip it)"})
     packed: bool = field(default=True, metadata={
         "help": "one encoder pass per step for all tasks (--no-packed: one per task)"})
+    compile: bool = field(default=False, metadata={"help": (
+        "also time each method with the training forward compiled as --compile trains "
+        "(engine/compiling.py): the compile time (the first pass over the batches) apart, "
+        "then ms/step and the ratio to eager. Compiling costs time (inductor on a small CPU: "
+        "minutes); --compile stays off by default in training until this is measured")})
+    compile_mode: str = field(default="default", metadata={
+        "help": "inductor's mode with --compile", "choices": list(COMPILE_MODES)})
 
 
 def make_methods(shared: list, sparse_rows: list, num_tasks: int, chosen: str) -> dict:
@@ -94,6 +104,8 @@ def main() -> None:
     set_threads(cfg.threads)
     if cfg.phase_rounds < 0:
         raise ConfigError(f"--phase_rounds {cfg.phase_rounds}: must be >= 0")
+    if cfg.compile_mode != "default" and not cfg.compile:
+        raise ConfigError(f"--compile_mode {cfg.compile_mode} needs --compile")
     task_cfg = MultitaskConfig(data_dir=cfg.data_dir, checkpoint=cfg.checkpoint, seed=cfg.seed,
                                precision=cfg.precision, progress=False, use_gpu=cfg.use_gpu)
     s = run.setup(task_cfg)
@@ -112,6 +124,10 @@ def main() -> None:
     best = time_methods(model, tasks, steps[1:], optimizer, methods, cfg.rounds, cfg.packed)
     print(machine_header(s.device))
     print_ratios(cfg, task_cfg, model, tasks, steps[1:], methods, best)
+    if cfg.compile:
+        warmup, compiled = time_compiled(model, tasks, steps[1:], optimizer, methods, cfg.rounds,
+                                         cfg.packed, cfg.compile_mode)
+        print("\n".join(compiled_lines(best, warmup, compiled, cfg.steps, cfg.compile_mode)))
     phases = {} if not cfg.phase_rounds else \
         time_phases(model, tasks, steps[1:], optimizer, methods, cfg.phase_rounds, cfg.packed)
     print_limits(model, tasks, steps[1:], best[PLAIN], phases)

@@ -10,6 +10,7 @@ import torch
 
 from datasets import TrainStream
 from engine.combiner import Combiner
+from engine.compiling import compile_losses
 from engine.configs import RunConfig
 from engine.distributed import Dist
 from engine.heads import MultitaskBERT
@@ -91,4 +92,6 @@ def build_parts(cfg: RunConfig, model: MultitaskBERT, tasks: list[Task], dist: D
                       for t in tasks}
     ctx = make_context(model, tasks, dist, model.precision, find_unused=cfg.mode == "seq",
                        combined=combiner.params if combiner is not None else [], packed=cfg.packed)
+    if cfg.compile:  # in place, DDP (if any) wrapping it: ctx.losses calls it too
+        compile_losses(ctx.local, cfg.compile_mode, dist.device)
     return Parts(model, tasks, streams, optimizers, steps, combiner, ctx, model.precision, mixer)

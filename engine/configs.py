@@ -11,8 +11,9 @@ from typing import ClassVar
 
 from engine.cli import SEED_RANGE, check_ranges, repeated
 from engine.errors import ConfigError
-from engine.names import (AGGREGATORS, BALANCERS, ENCODINGS, MODES, OPTIONS, PCGRAD_REDUCTIONS,
-                          POOLINGS, PRECISIONS, SAMPLINGS, SCHEDULERS, STS_LOSSES)
+from engine.names import (AGGREGATORS, BALANCERS, COMPILE_MODES, ENCODINGS, MODES, OPTIONS,
+                          PCGRAD_REDUCTIONS, POOLINGS, PRECISIONS, SAMPLINGS, SCHEDULERS,
+                          STS_LOSSES)
 from engine.paths import check_kind
 from engine.specs import AUX, CLASSIFIER_TASKS, TASK_NAMES, canonical_tasks
 from engine.task_mixing import check_sampling
@@ -97,6 +98,14 @@ class RunConfig:
         "one encoder pass per training step for all its tasks' sequences, padding removed "
         "from the token-wise layers (equal to one pass per task up to float rounding); "
         "--no-packed: one padded pass per task"))
+    compile: bool = field(default=False, metadata=_help(
+        "torch.compile the training forward (encoder, heads, losses; inductor, dynamic "
+        "shapes; engine/compiling.py). Costs compile time: the first steps, and each new "
+        "kind of step (seq: each task), wait for it (minutes on a small CPU). Off by default "
+        "until measured (python -m bench.mix --compile); evaluation stays eager"))
+    compile_mode: str = field(default="default", metadata=_help(
+        "inductor's mode with --compile: reduce-overhead adds CUDA graphs (GPU runs only), "
+        "max-autotune tunes the GEMM kernels (a longer compile)", choices=list(COMPILE_MODES)))
     grad_accumulation: int = field(default=1, metadata=_help(
         "micro-batches per step: each step's batch is batch size x N (x processes), its "
         "gradients accumulated over N forward/backward passes (less memory, same update)"))
@@ -136,6 +145,8 @@ class RunConfig:
             raise ConfigError(f"--layer_decay must be in (0, 1], got {self.layer_decay}")
         self.check_number("ema", self.ema, low=0.0, high=1.0)
         check_ranges(self)  # max_length >= 4: [CLS] a [SEP] b [SEP]
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"--compile_mode {self.compile_mode} needs --compile")
 
     @staticmethod
     def check_number(name: str, value: float, low: float, high: float = math.inf,

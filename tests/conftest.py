@@ -14,6 +14,11 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a minute or more on a small CPU (torch.compile); "
+                            "deselect with -m 'not slow'")
+
+
 @pytest.fixture
 def tiny_config() -> BertConfig:
     return BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

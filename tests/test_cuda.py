@@ -42,6 +42,17 @@ def test_cuda_fp32_equals_the_cpu_run(still_checkpoint, tiny_data, tmp_path):  #
     assert_same_model(gpu, cpu, atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_cuda_run_equals_eager(still_checkpoint, tiny_data, tmp_path, mode):  # noqa: F811
+    """--compile with inductor on the GPU (Triton kernels; reduce-overhead: CUDA graphs,
+    one per batch shape), the packed plain step and the sampled diagnostics' per-task passes."""
+    extra = ["--use_gpu", "--grad_diagnostics_every", "3"]
+    compiled = mtc.main(args(still_checkpoint, tiny_data, tmp_path / "compiled", 6, *extra,
+                             "--compile", "--compile_mode", mode))
+    eager = mtc.main(args(still_checkpoint, tiny_data, tmp_path / "eager", 6, *extra))
+    assert_same_model(compiled, eager, atol=1e-4)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("extra", [[], ["--pcgrad"]])
 def test_nccl_two_gpus_equal_one_process(still_checkpoint, tiny_data, tmp_path, extra):  # noqa: F811

@@ -155,6 +155,21 @@ def test_accumulation_equals_the_larger_batch(still_checkpoint, tiny_data, tmp_p
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
 
 
+@pytest.mark.slow  # ~20 s of CPU more than an eager torchrun: each rank traces the step
+def test_compiled_two_processes_equal_one(runs, still_checkpoint, tiny_data, tmp_path):
+    """--compile under torchrun: each rank's TaskLosses compiled in place and DDP around it
+    (torch's recommended order). With Dynamo's eager backend (torch's own kernels) the update
+    is the eager torchrun's bit for bit, hence one process's on the global batch; the
+    diagnostics' per-task passes (compiled too, no DDP sync) run in the same run."""
+    two = tmp_path / "two"
+    done = torchrun(args(still_checkpoint, tiny_data, two, 3, *METHODS["sum"], "--compile"),
+                    MINBERT_COMPILE_BACKEND="eager")
+    assert done.returncode == 0, failure(done)
+    eager_two, one, _ = runs["sum"]
+    assert_same_model(str(two), eager_two, atol=0)
+    assert_same_model(str(two), one)
+
+
 def test_resume_needs_the_same_number_of_processes(runs, still_checkpoint, tiny_data, tmp_path):
     """A run saved by 2 processes does not continue on 1 (its global batch would change)."""
     from engine.distributed import Dist

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import multitask_classifier as mtc
+from engine.compiling import BACKEND_ENV
 from engine.errors import ConfigError
 from evaluation import read_predictions
 
@@ -123,6 +124,22 @@ def test_a_run_with_frozen_word_embeddings_resumes_exactly(tiny_checkpoint, tiny
     assert done.returncode == -signal.SIGKILL, done.stderr
     mtc.main(["--resume", str(run_dir), "--no-progress"])
     assert_same_run(str(run_dir), reference)
+
+
+def test_a_compiled_run_resumes_exactly(tiny_checkpoint, tiny_data, tmp_path, reference, monkeypatch):
+    """--compile, with Dynamo's eager backend (MINBERT_COMPILE_BACKEND: torch's own kernels,
+    so a compiled run is the eager run bit for bit), killed mid-epoch 2 and resumed (compiled
+    afresh): it ends where the uninterrupted eager run ended; last.pt's keys are plain."""
+    monkeypatch.setenv(BACKEND_ENV, "eager")
+    run_dir = tmp_path / "run"
+    argv = run_args(tiny_checkpoint, tiny_data, run_dir, *EXTRA, *MODES["mix-sampled"], "--compile")
+    done = killed("multitask", argv, 3)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    keys = torch.load(run_dir / "last.pt", weights_only=True)["model"].keys()
+    mtc.main(["--resume", str(run_dir), "--no-progress"])
+    assert_same_run(str(run_dir), reference["mix-sampled"])
+    assert keys == torch.load(run_dir / "best.pt", weights_only=True)["model"].keys()
+    assert not any("_orig_mod" in key for key in keys)
 
 
 def test_sigterm_saves_and_says_how_to_resume(tiny_checkpoint, tiny_data, tmp_path, reference):
