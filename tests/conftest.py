@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a minute or more on a small CPU (torch.compile); "
-                            "deselect with -m 'not slow'")
+                            "`make test` deselects them (-m 'not slow'), `make test-all` runs them")
 
 
 @pytest.fixture
