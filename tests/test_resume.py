@@ -68,7 +68,11 @@ MODES = {"mix-pcgrad": ["--mode", "mix", "--pcgrad", "--hidden_dropout_prob", "0
          "mix-sampled": ["--mode", "mix", "--grad_diagnostics_every", "3"],
          "seq": ["--mode", "seq"],
          # fp16 autocast with loss scaling, on the CPU: the GradScaler's state is in last.pt
-         "mix-fp16": ["--mode", "mix", "--precision", "fp16", "--aggregator", "aligned_mtl"]}
+         "mix-fp16": ["--mode", "mix", "--precision", "fp16", "--aggregator", "aligned_mtl"],
+         # each task's gradient from one packed pass (engine/task_grads.py), the balancer's
+         # state in last.pt; "mix-pcgrad" above takes that path too, the word rows sparse
+         "mix-mgda-gradnorm": ["--mode", "mix", "--aggregator", "mgda", "--balance", "grad_norm",
+                               "--sts_encoding", "bi", "--pooling", "pooler"]}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
