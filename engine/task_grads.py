@@ -42,7 +42,7 @@ def owned_parameters(encoder: nn.Module, buffer: PCGrad) -> dict | None:
     """Each token-wise module of the encoder -> {its parameter's name: that parameter's
     index in the buffer}. None where this path cannot give every buffer parameter's
     gradient: one outside these modules, or a trainable encoder parameter outside the
-    buffer (the backward would skip its gradient)."""
+    buffer (an embedding's gradient would be lost below the leaves)."""
     index = {id(p): i for i, p in enumerate(buffer.params)}
     if any(p.requires_grad and id(p) not in index for p in encoder.parameters()):
         return None
@@ -69,6 +69,7 @@ class PackedTaskPass:
         self.sequences = [(start, end) for start, end, _ in packing.spans]  # the pooler's (S, .)
         self.leaves: list[torch.Tensor] = []  # the embeddings' outputs
         self.written: set[int] = set()  # the buffer parameters given their rows
+        self.called: set[nn.Module] = set()
 
     @classmethod
     def start(cls, losses: nn.Module, buffer: PCGrad, tasks: list[int], batches: list,
@@ -105,6 +106,9 @@ class PackedTaskPass:
                     self.buffer.store_grad(k, index, None, accumulate)
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: torch.Tensor):
+        if module in self.called:  # its second output's rows would overwrite the first's
+            raise RuntimeError(f"{type(module).__name__} called twice in one packed pass")
+        self.called.add(module)
         names = self.owned[module]
         if isinstance(module, nn.Embedding):
             # a leaf: the backward stops here, below it nothing is left to compute
