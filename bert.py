@@ -238,6 +238,15 @@ class Packing:
     def length(self) -> int:
         return self.input_ids.shape[1]
 
+    @property
+    def token_spans(self) -> list[tuple[int, int]]:
+        """Each batch's (first, end) row among the N packed tokens: one contiguous block
+        per batch, since the batches are stacked in order and `index` is sorted."""
+        starts = torch.tensor([start for start, _, _ in self.spans] + [len(self.input_ids)],
+                              device=self.index.device)
+        cuts = torch.searchsorted(self.index, starts * self.length).tolist()
+        return list(zip(cuts[:-1], cuts[1:]))
+
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         return padded.flatten(0, 1).index_select(0, self.index)
 

@@ -87,14 +87,20 @@ class SparseRows:
 
     def store(self, k: int, grad: torch.Tensor | None) -> None:
         """Task k's gradient (V, H) into its view; None: the task did not reach it."""
-        view = self.task_views[k]
-        view.index_fill_(0, self.rows[k], 0)  # last step's rows: now all of it is zero
         if grad is None:
-            self.rows[k] = self.rows[k][:0]
+            self.store_rows(k, self.rows[k][:0], grad)
             return
         low, high = torch.aminmax(grad, dim=1)  # one read, no (V, H) temporary
         rows = ((low != 0) | (high != 0)).nonzero().squeeze(1)  # NaN counts as nonzero
-        view.index_copy_(0, rows, grad.index_select(0, rows))
+        self.store_rows(k, rows, grad.index_select(0, rows))
+
+    def store_rows(self, k: int, rows: torch.Tensor, values: torch.Tensor | None) -> None:
+        """Task k's gradient given as its nonzero rows (distinct, (n_k,)) and their values
+        (n_k, H): the rest of the task's view is zero."""
+        view = self.task_views[k]
+        view.index_fill_(0, self.rows[k], 0)  # last step's rows: now all of it is zero
+        if len(rows):
+            view.index_copy_(0, rows, values)
         self.rows[k] = rows
 
     def gather(self) -> torch.Tensor:
@@ -210,7 +216,7 @@ class PCGrad:
 
         def store(index: int):
             def hook(p: torch.Tensor) -> None:
-                self._store(k, index, p.grad, accumulate)
+                self.store_grad(k, index, p.grad, accumulate)
                 p.grad = None
                 filled[index] = True
             return hook
@@ -224,14 +230,18 @@ class PCGrad:
                 handle.remove()
         for index, done in enumerate(filled):
             if not done:
-                self._store(k, index, None, accumulate)
+                self.store_grad(k, index, None, accumulate)
 
-    def _store(self, k: int, index: int, grad: torch.Tensor | None, accumulate: bool) -> None:
-        """Parameter `index`'s gradient from task k (None: it got none) into row k."""
+    def sparse_part(self, index: int) -> SparseRows | None:
+        """Parameter `index`'s SparseRows, or None: a dense part, task k's in task_views[k]."""
         first_sparse = len(self.params) - len(self.sparse)
-        view = self.task_views[k][index] if index < first_sparse else None
-        if view is None:
-            self.sparse[index - first_sparse].store(k, grad)
+        return self.sparse[index - first_sparse] if index >= first_sparse else None
+
+    def store_grad(self, k: int, index: int, grad: torch.Tensor | None, accumulate: bool) -> None:
+        """Parameter `index`'s gradient from task k (None: it got none) into row k."""
+        sparse, view = self.sparse_part(index), self.task_views[k][index]
+        if sparse is not None:
+            sparse.store(k, grad)
         elif grad is None:
             if not accumulate:
                 view.zero_()

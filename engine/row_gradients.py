@@ -26,6 +26,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def row_sums(ids: torch.Tensor, grad: torch.Tensor,
+             padding_idx: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An embedding lookup's weight gradient as its reached rows (sorted, (n,)) and their
+    sums (n, H), from the ids (any shape) and the output's gradient (ids' shape, H)."""
+    ids, grad = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])  # (N,), (N, H)
+    if padding_idx is not None:  # the padding row gets no gradient
+        keep = ids != padding_idx
+        ids, grad = ids[keep], grad[keep]
+    rows, inverse = torch.unique(ids, return_inverse=True)  # sorted: coalesced indices
+    # index_add_ adds in position order, row by row, as torch's dense backward does
+    return rows, grad.new_zeros(len(rows), grad.shape[1]).index_add_(0, inverse, grad)
+
+
 class _RowLookup(torch.autograd.Function):
     """F.embedding whose weight gradient is the reached rows, sparse: (V, H) with n rows."""
 
@@ -41,13 +54,7 @@ class _RowLookup(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         ids, = ctx.saved_tensors
-        ids, grad = ids.reshape(-1), grad.reshape(-1, ctx.shape[1])  # (N,), (N, H)
-        if ctx.padding_idx is not None:  # the padding row gets no gradient
-            keep = ids != ctx.padding_idx
-            ids, grad = ids[keep], grad[keep]
-        rows, inverse = torch.unique(ids, return_inverse=True)  # sorted: coalesced indices
-        # index_add_ adds in position order, row by row, as torch's dense backward does
-        values = grad.new_zeros(len(rows), grad.shape[1]).index_add_(0, inverse, grad)
+        rows, values = row_sums(ids, grad, ctx.padding_idx)
         ctx.owner.reached.append(rows)
         sparse = torch.sparse_coo_tensor(rows[None], values, ctx.shape, is_coalesced=True,
                                          check_invariants=False)

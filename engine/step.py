@@ -20,6 +20,7 @@ from engine.combiner import Combiner
 from engine.losses import doubled, fold
 from engine.precision import Precision
 from engine.sharding import micro_scale
+from engine.task_grads import PackedTaskPass
 from engine.tasks import Task
 from engine.trainer_state import check_finite
 
@@ -35,7 +36,8 @@ class TaskLosses(nn.Module):
         self.packed = packed  # one encoder pass for all the tasks (MultitaskBERT.forward_many)
 
     def forward(self, names: list[str], batches: list, per_task: bool = False) -> list[torch.Tensor]:
-        """`per_task`: one encoder pass per task even when packed (the combiner's steps).
+        """`per_task`: one encoder pass per task even when packed (a combiner's steps
+        where engine/task_grads.py does not apply).
         R-Drop's tasks run twice: their batches again in the same pass (losses.doubled)."""
         run_names, run_batches = doubled(self.tasks, names, batches)
         outputs = (self.model.forward_many(run_names, run_batches) if self.packed and not per_task
@@ -156,17 +158,24 @@ def backward_all(ctx: StepContext, names: list[str], drawn: list,
         here = [k for k, (micro, _) in enumerate(drawn) if i >= count - len(micro)]
         batches = [drawn[k][0][i - count + len(drawn[k][0])].to(ctx.dist.device) for k in here]
         scales = [micro_scale(len(b), drawn[k][1], world) for k, b in zip(here, batches)]
+        accumulate = [i > count - len(drawn[k][0]) for k in here]
+        # A combiner needs each task's gradient apart: from one packed pass where
+        # task_grads applies, else one pass per task (a packed pass's backward from one
+        # task's loss would run over every task's tokens).
+        one_pass = combiner and PackedTaskPass.start(ctx.local, combiner.buffer, here,
+                                                     batches, accumulate)
         with ctx.sync(last=i == count - 1):
-            # A combiner needs each task's gradient apart: per-task passes, since a backward
-            # from one task's loss through a packed pass would run over every task's tokens.
-            found = (ctx.local([names[k] for k in here], batches, per_task=True)
-                     if combiner is not None else ctx.losses([names[k] for k in here], batches))
+            with one_pass.recording() if one_pass else nullcontext():
+                found = (ctx.local([names[k] for k in here], batches, per_task=not one_pass)
+                         if combiner is not None else ctx.losses([names[k] for k in here], batches))
             losses = [loss if scale == 1.0 else loss * scale for loss, scale in zip(found, scales)]
             for k, loss in zip(here, losses):
                 shares[k] += loss.item()
             if combiner is None:
                 ctx.scale(torch.stack(losses).sum()).backward()
-                continue
-            for k, loss in zip(here, losses):
-                combiner.backward(k, ctx.scale(loss), accumulate=i > count - len(drawn[k][0]))
+            elif one_pass:
+                one_pass.backward(ctx.scale(torch.stack(losses).sum()), ctx.unshared)
+            else:
+                for k, loss, more in zip(here, losses, accumulate):
+                    combiner.backward(k, ctx.scale(loss), accumulate=more)
     return shares

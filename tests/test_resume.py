@@ -87,7 +87,11 @@ MODES = {"mix-pcgrad": ["--mode", "mix", "--pcgrad", "--hidden_dropout_prob", "0
          # stateful combinations: GradVac's targets and order, FAMO's logits, Adam moments
          # and last losses, the smoothed weights (beta 1/2: the state moves fast)
          "mix-gradvac-famo": ["--mode", "mix", "--aggregator", "gradvac", "--gradvac_beta", "0.5",
-                              "--balance", "famo", "--smooth_weights", "0.5"]}
+                              "--balance", "famo", "--smooth_weights", "0.5"],
+         # each task's gradient from one packed pass (engine/task_grads.py), the balancer's
+         # state in last.pt; "mix-pcgrad" above takes that path too, the word rows sparse
+         "mix-mgda-gradnorm": ["--mode", "mix", "--aggregator", "mgda", "--balance", "grad_norm",
+                               "--sts_encoding", "bi", "--pooling", "pooler"]}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
