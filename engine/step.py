@@ -44,6 +44,10 @@ class TaskLosses(nn.Module):
                    else [self.model(n, b) for n, b in zip(run_names, run_batches)])
         return fold(self.tasks, names, outputs, batches)
 
+    def runs_twice(self, names: list[str]) -> bool:
+        """Whether R-Drop encodes some of these tasks' batches a second time."""
+        return any(self.tasks[n].rdrop for n in names)
+
 
 @dataclass
 class StepContext:
@@ -161,9 +165,10 @@ def backward_all(ctx: StepContext, names: list[str], drawn: list,
         accumulate = [i > count - len(drawn[k][0]) for k in here]
         # A combiner needs each task's gradient apart: from one packed pass where
         # task_grads applies, else one pass per task (a packed pass's backward from one
-        # task's loss would run over every task's tokens).
-        one_pass = combiner and PackedTaskPass.start(ctx.local, combiner.buffer, here,
-                                                     batches, accumulate)
+        # task's loss would run over every task's tokens). R-Drop's second copies of a
+        # batch would share its task's buffer row: those steps take the per-task passes.
+        one_pass = (combiner and not ctx.local.runs_twice([names[k] for k in here])
+                    and PackedTaskPass.start(ctx.local, combiner.buffer, here, batches, accumulate))
         with ctx.sync(last=i == count - 1):
             with one_pass.recording() if one_pass else nullcontext():
                 found = (ctx.local([names[k] for k in here], batches, per_task=not one_pass)

@@ -15,6 +15,10 @@ COMBINATIONS = {
     "rdrop+pcgrad+ema+decay+sampling": ["--rdrop", "1", "--sts_encoding", "both", "--pcgrad",
                                         "--ema", "0.9", "--layer_decay", "0.8",
                                         "--sampling", "temperature"],
+    # each task's gradient from the one packed pass (engine/task_grads.py) with two-head
+    # pair batches (a cross input and both single sentences in one batch)
+    "both+mgda+ema": ["--sts_encoding", "both", "--quora_encoding", "both", "--aggregator",
+                      "mgda", "--ema", "0.9"],
 }
 
 

@@ -96,6 +96,8 @@ CASES = {  # flags, micro-batches, dense word rows
     "cross-sparse-words": ({"quora_encoding": "cross", "sts_encoding": "cross"}, 1, False),
     "bi-sparse-words": ({"quora_encoding": "bi", "sts_encoding": "bi"}, 1, False),
     "bi-dense-words": ({"quora_encoding": "bi", "sts_encoding": "bi"}, 1, True),
+    # a two-head pair batch: B cross inputs and 2B single sentences in one batch
+    "both-heads": ({"quora_encoding": "both", "sts_encoding": "both"}, 1, False),
     "frozen-words": ({"freeze_word_embeddings": True}, 1, False),
     "pooler": ({"pooling": "pooler"}, 1, False),
     "accumulate-2": ({"quora_encoding": "bi"}, 2, False),
