@@ -50,3 +50,8 @@ def compile_losses(losses: nn.Module, mode: str, device: torch.device) -> nn.Mod
     options = {"mode": mode} if backend == INDUCTOR and mode != "default" else {}
     losses.compile(backend=backend, dynamic=True, **options)
     return losses
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether `module` was compiled in place (nn.Module.compile, as compile_losses does)."""
+    return getattr(module, "_compiled_call_impl", None) is not None

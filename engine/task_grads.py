@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bert import BertModel, Packing
+from engine.compiling import is_compiled
 from engine.row_gradients import row_sums
 from pcgrad import PCGrad
 
@@ -75,9 +76,11 @@ class PackedTaskPass:
     def start(cls, losses: nn.Module, buffer: PCGrad, tasks: list[int], batches: list,
               accumulate: list[bool]) -> "PackedTaskPass | None":
         """For step.TaskLosses `losses`; None where it does not apply (not packed, not our
-        BertModel, a parameter it does not cover): the caller takes one pass per task."""
+        BertModel, compiled, a parameter it does not cover): the caller takes one pass per
+        task."""
         encoder = getattr(losses.model, "encoder", None)
-        if not (losses.packed and isinstance(encoder, BertModel)):
+        # a compiled pass: Dynamo traces the forward hooks and refuses their leaf outputs
+        if not (losses.packed and isinstance(encoder, BertModel)) or is_compiled(losses):
             return None
         owned = owned_parameters(encoder, buffer)
         return None if owned is None else cls(buffer, owned, tasks, accumulate,
