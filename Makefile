@@ -58,11 +58,15 @@ $(VENV)/.installed-extras: $(VENV)/.installed requirements-extras.txt
 
 # The suite without the tests marked slow (torch.compile with inductor: minutes of C++
 # compilation on a small CPU); `make test-all` runs those too.
+# Test files are spread over the cores (pytest-xdist), a file's tests on one worker, so that
+# its module fixtures are made once.
+PYTEST = $(BIN)/python -m pytest -q -n auto --dist loadfile
+
 test: $(VENV)/.installed-extras
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 test-all: $(VENV)/.installed-extras
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 bench: setup data
 	$(BIN)/python -m bench.encoder

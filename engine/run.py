@@ -17,7 +17,7 @@ from bert import BertModel
 from config import BertConfig
 from engine.build import build_parts
 from engine.configs import RunConfig
-from engine.distributed import Dist, broadcast_object, init_distributed, on_main, shutdown
+from engine.distributed import Dist, barrier, broadcast_object, init_distributed, on_main, shutdown
 from engine.errors import CheckpointError, ConfigError, ReportedElsewhere, UserError
 from engine.fingerprint import FINGERPRINT, check_unchanged, fingerprint
 from engine.heads import MultitaskBERT
@@ -76,7 +76,9 @@ def train(cfg: RunConfig, script: str, make_tasks: MakeTasks, name: str,
     the summary and the tasks. Under torchrun: one process per rank, data-parallel."""
     dist = init_distributed(cfg.use_gpu)
     try:
-        return _train(cfg, script, make_tasks, name, dist, log if dist.is_main else lambda *_: None)
+        result = _train(cfg, script, make_tasks, name, dist, log if dist.is_main else lambda *_: None)
+        barrier()  # leave together: a rank tearing gloo down while rank 0 still writes can abort
+        return result
     finally:
         shutdown()
 
