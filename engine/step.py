@@ -171,8 +171,9 @@ def backward_all(ctx: StepContext, names: list[str], drawn: list,
                     and PackedTaskPass.start(ctx.local, combiner.buffer, here, batches, accumulate))
         with ctx.sync(last=i == count - 1):
             with one_pass.recording() if one_pass else nullcontext():
-                found = (ctx.local([names[k] for k in here], batches, per_task=not one_pass)
-                         if combiner is not None else ctx.losses([names[k] for k in here], batches))
+                found = (ctx.losses([names[k] for k in here], batches) if combiner is None
+                         else ctx.local([names[k] for k in here], batches) if one_pass
+                         else per_task_losses(ctx.local, [names[k] for k in here], batches))
             losses = [loss if scale == 1.0 else loss * scale for loss, scale in zip(found, scales)]
             for k, loss in zip(here, losses):
                 shares[k] += loss.item()
@@ -184,3 +185,10 @@ def backward_all(ctx: StepContext, names: list[str], drawn: list,
                 for k, loss, more in zip(here, losses, accumulate):
                     combiner.backward(k, ctx.scale(loss), accumulate=more)
     return shares
+
+
+def per_task_losses(losses: TaskLosses, names: list[str], batches: list) -> list[torch.Tensor]:
+    """One call per task, so that each task's loss has a graph of its own for its backward:
+    a compiled TaskLosses (AOTAutograd) gives all of one call's losses ONE backward node,
+    which a first backward frees. The same dropout draws, in the same order, as one call."""
+    return [losses([name], [batch], per_task=True)[0] for name, batch in zip(names, batches)]

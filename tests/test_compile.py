@@ -69,11 +69,14 @@ def assert_close_step(found, want, exact: bool):
         torch.testing.assert_close(grads[name], ref_grads[name], **tol, msg=name)
 
 
-@pytest.mark.parametrize("aggregator", [None, "pcgrad"])
-def test_a_compiled_step_is_the_eager_step(step_setup, monkeypatch, aggregator):  # noqa: F811
+@pytest.mark.parametrize("aggregator, backend", [(None, "eager"), ("pcgrad", "eager"),
+                                                ("pcgrad", "aot_eager")])
+def test_a_compiled_step_is_the_eager_step(step_setup, monkeypatch, aggregator, backend):  # noqa: F811
     """Losses and every gradient (two micro-batches per task, packed; or PCGrad's per-task
-    passes) through the compiled TaskLosses: bitwise those of the eager step."""
-    monkeypatch.setenv(BACKEND_ENV, "eager")
+    passes) through the compiled TaskLosses: bitwise those of the eager step (Dynamo's eager
+    backend), or up to float reassociation with AOTAutograd's traced backward (as inductor
+    has it: one backward node for all of a call's losses, which the per-task passes keep)."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
     # a compiled run takes PCGrad's per-task passes (engine/task_grads.py does not apply):
     # so does the eager reference here, for a bitwise comparison
     monkeypatch.setattr(PackedTaskPass, "start", classmethod(lambda cls, *args: None))
@@ -81,7 +84,7 @@ def test_a_compiled_step_is_the_eager_step(step_setup, monkeypatch, aggregator):
     want = one_step(copy.deepcopy(model), tasks, drawn, True, aggregator)
     found = compiled_step(model, tasks, drawn, aggregator)
     assert counters["stats"]["unique_graphs"] > 0  # compiled, not silently eager
-    assert_close_step(found, want, exact=True)
+    assert_close_step(found, want, exact=backend == "eager")
 
 
 @pytest.mark.slow  # cold: ~2 min (OMP_NUM_THREADS=1, 2 busy cores; gcc), warm cache ~20 s
