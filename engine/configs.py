@@ -10,13 +10,12 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
 from engine.cli import SEED_RANGE, check_ranges, repeated
+from engine.config_checks import check_multitask
 from engine.errors import ConfigError
 from engine.names import (AGGREGATORS, BALANCERS, COMPILE_MODES, ENCODINGS, MODES, OPTIONS,
                           PCGRAD_REDUCTIONS, POOLINGS, PRECISIONS, SAMPLINGS, SCHEDULERS,
                           STS_LOSSES)
-from engine.paths import check_kind
 from engine.specs import AUX, CLASSIFIER_TASKS, TASK_NAMES, canonical_tasks
-from engine.task_mixing import check_sampling
 
 DATA_DIR_ENV = "MINBERT_DATA_DIR"
 
@@ -175,11 +174,6 @@ class RunConfig:
         return cls(**{k: v for k, v in {**saved, **changes}.items() if k in known})
 
 
-
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
-
-
 @dataclass
 class MultitaskConfig(RunConfig):
     aggregator: str = field(default="sum", metadata=_help(
@@ -286,38 +280,7 @@ class MultitaskConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.check_number("cagrad_c", self.cagrad_c, low=0.0)
-        self.check_number("fairgrad_alpha", self.fairgrad_alpha, low=0.0, low_open=True)
-        self.check_number("gradvac_beta", self.gradvac_beta, low=0.0, high=1.0)
-        self.check_number("smooth_weights", self.smooth_weights, low=0.0, high=1.0)
-        check_kind("--aux", self.aux, "file")
-        if self.pcgrad and self.aggregator not in ("sum", "pcgrad"):
-            raise ConfigError(f"--pcgrad is --aggregator pcgrad; it contradicts --aggregator {self.aggregator}")
-        if self.pcgrad or self.aggregator == "pcgrad":
-            self.pcgrad, self.aggregator = True, "pcgrad"
-        if self.pcgrad and self.mode != "mix":
-            raise ConfigError("--pcgrad needs --mode mix (one batch of every task per step)")
-        if (self.aggregator != "sum" or self.balance != "none") and self.mode != "mix":
-            raise ConfigError("--aggregator and --balance need --mode mix (one batch of every task per step)")
-        if self.eval_only and not self.load:
-            raise ConfigError("--eval_only needs --load CHECKPOINT")
-        if self.load:
-            repeated("load", self.load)  # an empty path in the list: refused here
-        chosen = self.tasks.split(",")
-        if not set(chosen) <= set(TASK_NAMES) or len(set(chosen)) < len(chosen):
-            raise ConfigError(f"--tasks must name some of {', '.join(TASK_NAMES)}, each once, "
-                              f"got {self.tasks!r}")
-        if sorted(self.seq_order.split(",")) != sorted(TASK_NAMES):
-            raise ConfigError(f"--seq_order must name {', '.join(TASK_NAMES)} once each, "
-                              f"got {self.seq_order!r}")
-        for name in self.all_task_names:
-            self.check_number(f"weight_{name}", self.weight(name), low=0.0)
-        self.check_loss_options()
-        check_sampling(self.sampling, self.mode, self.sampling_temperature)
-        trained = self.trained_task_names
-        if self.balance == "famo" and not all(self.weight(name) > 0 for name in trained):
-            raise ConfigError("--balance famo divides by each trained task's loss: every "
-                              "--weight_<task> of --tasks (and aux) must be > 0")
+        check_multitask(self)
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -341,25 +304,6 @@ class MultitaskConfig(RunConfig):
 
     def listed(self, flag: str) -> tuple[str, ...]:
         return tuple(getattr(self, flag).split(",")) if getattr(self, flag) else ()
-
-    def check_loss_options(self) -> None:
-        """--rdrop, --sts_loss, --label_smoothing: each names only tasks it can act on."""
-        self.check_number("rdrop", self.rdrop, low=0.0)
-        self.check_number("label_smoothing", self.label_smoothing, low=0.0, high=1.0)
-        trained = self.trained_task_names
-        for flag, on in (("rdrop_tasks", self.rdrop), ("label_smoothing_tasks", self.label_smoothing)):
-            # an option that is off may name a task this run lacks, not a task that is none
-            known = trained if on else self.all_task_names
-            wrong = [n for n in self.listed(flag) if n not in known]
-            if wrong:
-                raise ConfigError(f"--{flag} names {', '.join(wrong)}, not among the "
-                                  f"{'trained ' if on else ''}tasks ({', '.join(known)})")
-        if "sts" in self.smoothed_task_names:
-            raise ConfigError("--label_smoothing_tasks: sts is a regression task, it has no "
-                              "class distribution to smooth")
-        if self.sts_loss == "cosent" and (self.sts_encoding != "bi" or "sts" not in trained):
-            raise ConfigError("--sts_loss cosent needs the STS bi-encoder (its cosine "
-                              "score): --sts_encoding bi, with sts among --tasks")
 
     @property
     def loads(self) -> list[str]:
