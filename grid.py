@@ -19,30 +19,26 @@ from __future__ import annotations
 import math
 import os
 import shlex
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, ClassVar, Sequence
 
 import report
 from engine.cli import build_parser, check_ranges, parse_config, run_cli
 from engine.configs import DATA_DIR_ENV, MultitaskConfig, default_data_dir
-from engine.errors import ConfigError, UserError
+from engine.errors import ConfigError
 from analysis.results import config_name, config_slug, settings
-from engine.runfiles import CONFIG_FILE, LAST_FILE, SUMMARY_FILE, check_output, holds_run, read_json
-from engine.runlock import remove_run_dir
-from engine.grid_rows import check_extra, check_named_row, grid_rows, parse_seeds, split_list
+from engine.runfiles import CONFIG_FILE, LAST_FILE, check_output, holds_run, read_json
+from engine.grid_jobs import (Job, RunsFailed, clear_unsaved, is_done, run_parallel,
+                              trainer_command, visible_gpus)
+from engine.grid_rows import check_extra, check_named_row, grid_rows, parse_seeds
 
 AUX_FILE = "yelp-aux-train.csv"
 # Options that take several values (`--seeds 0 1 2`); the dataclass stores them as text.
 LIST_OPTIONS = ("rows", "seeds")
 
 Runner = Callable[[list], str]
-# --jobs N runs this script as subprocesses; their output goes to RUNS_DIR/logs/<run>.log
-TRAINER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multitask_classifier.py")
-LOGS_DIR = "logs"
-POLL_SECONDS = 0.5
+LOGS_DIR = "logs"  # --jobs N: each run's output goes to RUNS_DIR/logs/<run>.log
 DESCRIPTION = "Run the Table 1 grid (resumably), then write its table and figures."
 
 
@@ -140,10 +136,6 @@ def trainer_argv(row: dict, seed: int, run_dir: str, opts: GridOptions) -> list[
     return argv + shlex.split(opts.extra)
 
 
-def is_done(run_dir: str) -> bool:
-    return os.path.isfile(os.path.join(run_dir, SUMMARY_FILE))
-
-
 # Settings a finished run may differ in and still count as the run asked for.
 HARMLESS = ("progress", "run_dir", "save_every_steps", "resume", "config")
 
@@ -179,14 +171,6 @@ def default_runner() -> Runner:
     return multitask_classifier.main
 
 
-@dataclass
-class Job:
-    label: str
-    run_dir: str
-    argv: list
-    log: str = ""
-
-
 def plan(opts: GridOptions, say: Callable[[str], None] = print) -> list[Job]:
     """The runs still to do, seeds outermost (a cut-short grid still has every row once):
     a finished folder is skipped, an interrupted one resumed from its last.pt (both only if
@@ -220,14 +204,6 @@ def plan(opts: GridOptions, say: Callable[[str], None] = print) -> list[Job]:
     return todo
 
 
-def clear_unsaved(job: Job) -> None:
-    """A folder that stopped before its first save holds nothing to resume: rerun from
-    scratch. One a process is using (a run in progress) is refused, not removed."""
-    if job.argv[:1] != ["--resume"] and os.path.exists(job.run_dir):
-        print(f"{job.label}: {job.run_dir} stopped before its first save, rerunning from scratch")
-        remove_run_dir("--runs_dir", job.run_dir)
-
-
 def run_in_process(todo: list[Job], runner: Runner) -> list[Job]:
     """--jobs 1: one run after the other, in this process."""
     for job in todo:
@@ -237,100 +213,6 @@ def run_in_process(todo: list[Job], runner: Runner) -> list[Job]:
         if not is_done(finished):
             print(f"warning: {finished} has no summary.json after the run")
     return []
-
-
-def trainer_command(argv: list[str]) -> list[str]:
-    return [sys.executable, TRAINER, *argv]
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def visible_gpus(wanted: str = "") -> list[str]:
-    """--gpus 0,1, else $CUDA_VISIBLE_DEVICES, else the GPUs `nvidia-smi -L` lists (torch-free)."""
-    if wanted:
-        return split_list(wanted)
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return split_list(env)
-    try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    if listed.returncode != 0:
-        return []
-    return [str(i) for i, line in enumerate(listed.stdout.splitlines()) if line.startswith("GPU ")]
-
-
-def job_env(slot: int, jobs: int, gpus: list[str]) -> dict[str, str]:
-    """A run's environment: its own GPU when several are there (or --gpus names them), and
-    its share of the CPU cores for the BLAS / OpenMP threads."""
-    env = dict(os.environ)
-    threads = str(max(1, cpu_count() // jobs))
-    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    if gpus:
-        env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=gpus[slot % len(gpus)])
-    return env
-
-
-class RunsFailed(UserError):
-    """Runs of a parallel grid that exited with an error (the report of the rest is written)."""
-
-
-def run_parallel(todo: list[Job], jobs: int, gpus: list[str]) -> list[Job]:
-    """--jobs N: N runs at once, each a subprocess of the trainer logging to its own file;
-    returns the jobs that failed."""
-    running: dict[int, tuple[Job, subprocess.Popen, object]] = {}  # slot -> job, process, log
-    failed, queue = [], list(todo)
-    where = (f"GPUs {','.join(gpus)}" if gpus else
-             f"{max(1, cpu_count() // jobs)} CPU threads each")
-    print(f"running {len(todo)} runs, {jobs} at once ({where}); logs in "
-          f"{os.path.dirname(todo[0].log) if todo else '-'}", flush=True)
-    try:
-        while queue or running:
-            for slot in range(jobs):
-                if slot in running or not queue:
-                    continue
-                job = queue.pop(0)
-                os.makedirs(os.path.dirname(job.log), exist_ok=True)
-                log = open(job.log, "a", encoding="utf-8")
-                try:
-                    clear_unsaved(job)
-                except UserError as err:  # a process is using the folder: it stays its own
-                    print(f"{job.label}: FAILED ({err})", file=log, flush=True)
-                    print(f"{job.label}: FAILED ({err})", flush=True)
-                    log.close()
-                    failed.append(job)
-                    continue
-                env = job_env(slot, jobs, gpus)
-                proc = subprocess.Popen(trainer_command(job.argv), stdout=log,
-                                        stderr=subprocess.STDOUT, env=env)
-                gpu = f", GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""
-                print(f"{job.label}: started -> {job.run_dir} (log {job.log}{gpu})", flush=True)
-                running[slot] = (job, proc, log)
-            time.sleep(POLL_SECONDS)
-            for slot, (job, proc, log) in list(running.items()):
-                code = proc.poll()
-                if code is None:
-                    continue
-                log.close()
-                del running[slot]
-                ok = code == 0 and is_done(job.run_dir)
-                why = "" if ok or code else ", but no summary.json"
-                print(f"{job.label}: {'finished' if ok else 'FAILED'} (exit {code}{why})", flush=True)
-                if not ok:
-                    failed.append(job)
-    finally:  # interrupted (Ctrl-C): stop the runs this grid started; each saves its state
-        for job, proc, log in running.values():
-            proc.terminate()
-        for job, proc, log in running.values():
-            proc.wait()
-            log.close()
-    return failed
 
 
 def run_grid(opts: GridOptions, runner: Runner | None = None) -> dict:

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import pytest
 
 import grid
-from engine import grid_rows
+from engine import grid_jobs, grid_rows
 from analysis import results
 from engine.cli import run_cli
 from engine.errors import ConfigError
@@ -236,10 +236,10 @@ with open(os.path.join(cfg["run_dir"], "summary.json"), "w") as f:
 def fake_script(tmp_path, monkeypatch):
     path = tmp_path / "fake_trainer.py"
     path.write_text(FAKE_SCRIPT)
-    monkeypatch.setattr(grid, "TRAINER", str(path))
-    monkeypatch.setattr(grid, "POLL_SECONDS", 0.05)
+    monkeypatch.setattr(grid_jobs, "TRAINER", str(path))
+    monkeypatch.setattr(grid_jobs, "POLL_SECONDS", 0.05)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU, whatever the machine has
-    monkeypatch.setattr(grid, "cpu_count", lambda: 8)
+    monkeypatch.setattr(grid_jobs, "cpu_count", lambda: 8)
     return str(path)
 
 
@@ -251,7 +251,7 @@ def test_print_commands_parse_back_to_the_runs_still_to_do(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     opts = grid.parse_options(base)
     rows = grid_rows.grid_rows(opts.rows, "")
-    expected = [[sys.executable, grid.TRAINER] + grid.trainer_argv(
+    expected = [[sys.executable, grid_jobs.TRAINER] + grid.trainer_argv(
         row, seed, os.path.join(runs, f"{results.config_slug(row)}-seed{seed}"), opts)
         for seed in (0, 1) for row in rows]
     assert [shlex.split(line) for line in lines] == expected
@@ -266,7 +266,7 @@ def test_print_commands_parse_back_to_the_runs_still_to_do(tmp_path, capsys):
     grid.main(base + ["--print_commands"], runner=refuse)
     captured = capsys.readouterr()
     assert [shlex.split(line) for line in captured.out.splitlines()] == [
-        [sys.executable, grid.TRAINER, "--resume", interrupted], expected[2], expected[3]]
+        [sys.executable, grid_jobs.TRAINER, "--resume", interrupted], expected[2], expected[3]]
     assert "pretrain (dropout 0.3) seed 0: done, skipping" in captured.err
 
 
