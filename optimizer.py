@@ -8,6 +8,11 @@ import torch
 from torch.optim import Optimizer
 
 
+# _step_each updates a parameter larger than this in chunks of this many elements (a few MB
+# for p, g, m and v together: they stay in cache; smaller chunks cost more in calls)
+CHUNK = 1 << 18
+
+
 class AdamW(Optimizer):
     """Adam with decoupled weight decay.
 
@@ -96,17 +101,33 @@ class AdamW(Optimizer):
         whereas a foreach operation (on a CPU, a C++ loop over the tensors) streams every
         parameter through memory once per operation, measured slower for BERT-base.
         sqrt(v) + eps goes into one reused buffer, not a fresh temporary per parameter."""
-        beta1, beta2 = group["betas"]
         states, sizes = self._advance(group, params)
         scratch = self._scratch_for(params)
         for p, state, alpha in zip(params, states, sizes):
-            m, v = state["exp_avg"], state["exp_avg_sq"]
-            m.mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
-            v.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
-            denominator = torch.sqrt(v, out=scratch[:v.numel()].view_as(v)).add_(group["eps"])
-            p.addcdiv_(m, denominator, value=-alpha)
-            if group["weight_decay"] > 0.0:
-                p.mul_(1.0 - group["lr"] * group["weight_decay"])
+            tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+            if p.numel() <= CHUNK or not all(t.is_contiguous() for t in tensors):
+                self._update(group, alpha, *tensors, scratch[:p.numel()].view_as(p))
+                continue
+            # Every operation is elementwise, so chunks give the same bits; a chunk's
+            # operations find its p, g, m and v still in cache, where the whole (30522, 384)
+            # word embedding would stream through memory once per operation (27 -> 16 ms
+            # a step for MiniLM's on a 2-core EPYC).
+            flat = [t.view(-1) for t in tensors]
+            for first in range(0, p.numel(), CHUNK):
+                end = min(first + CHUNK, p.numel())
+                self._update(group, alpha, *(t[first:end] for t in flat), scratch[:end - first])
+
+    @staticmethod
+    def _update(group: dict, alpha: float, p: torch.Tensor, grad: torch.Tensor,
+                m: torch.Tensor, v: torch.Tensor, scratch: torch.Tensor) -> None:
+        """The step's formula on one parameter (or one chunk of it), in place."""
+        beta1, beta2 = group["betas"]
+        m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denominator = torch.sqrt(v, out=scratch).add_(group["eps"])
+        p.addcdiv_(m, denominator, value=-alpha)
+        if group["weight_decay"] > 0.0:
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
 
     def _step_foreach(self, group: dict, params: list[torch.Tensor]) -> None:
         """The same operations, each over all of `params` (one device and dtype) at once:

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import optimizer
 from optimizer import AdamW
 
 
@@ -187,6 +188,18 @@ def test_steps_equal_the_reference_bitwise(foreach):
     opt = train(AdamW, params, 6, foreach=foreach)
     ref_opt = train(ReferenceAdamW, ref_params, 6)
     assert opt.state[params[3]]["step"] == 3 and opt.state[params[0]]["step"] == 6
+    assert_same_bits(params, opt, ref_params, ref_opt)
+
+
+@pytest.mark.parametrize("chunk", [64, 100])
+def test_chunked_steps_equal_the_reference_bitwise(monkeypatch, chunk):
+    """Parameters larger than optimizer.CHUNK are stepped a chunk at a time (64 or 100 here:
+    561 and 300 elements in 9 or 6 chunks, the last one short; the transposed, non-contiguous
+    one whole): the same bits as the reference's whole-tensor step."""
+    monkeypatch.setattr(optimizer, "CHUNK", chunk)
+    params, ref_params = random_params(), random_params()
+    opt = train(AdamW, params, 6, foreach=False)
+    ref_opt = train(ReferenceAdamW, ref_params, 6)
     assert_same_bits(params, opt, ref_params, ref_opt)
 
 
