@@ -23,6 +23,30 @@ ACTIVATIONS = {
 }
 
 
+class Dropout(nn.Module):
+    """Inverted dropout, as nn.Dropout: in training each element is zeroed with probability
+    p and the rest scaled by 1 / (1 - p). On a CPU the mask is uniform(0, 1) >= p, drawn in
+    fp32 whatever the input's dtype (a bf16 draw would round p): torch's bernoulli_ takes
+    longer there (forward + backward on a step's (676, 384) hidden states, 2-core EPYC:
+    2.1 against 1.4 ms). Elsewhere F.dropout (fused on CUDA). Either way other random draws
+    than nn.Dropout's, with the same distribution."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        keep = torch.rand(x.shape, dtype=torch.float32, device=x.device) >= self.p
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 @dataclass
 class BertOutput:
     last_hidden_state: torch.Tensor  # (B, T, H)
@@ -49,7 +73,7 @@ class BertSelfAttention(nn.Module):
         # order in which base_bert's name map concatenates (and export splits) HF's tensors.
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
-        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.dropout = Dropout(config.attention_probs_dropout_prob)
         # fused=True uses torch's scaled_dot_product_attention; False the explicit form below.
         self.fused = fused
         self.register_load_state_dict_pre_hook(fuse_separate_qkv)
@@ -113,7 +137,7 @@ class BertLayer(nn.Module):
         self.interm_af = ACTIVATIONS[config.hidden_act]
         self.out_dense = nn.Linear(config.intermediate_size, config.hidden_size)
         self.out_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def add_norm(self, residual: torch.Tensor, sublayer_out: torch.Tensor, dense: nn.Linear,
                  norm: nn.LayerNorm) -> torch.Tensor:
@@ -145,7 +169,7 @@ class BertModel(nn.Module):
         self.pos_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.tk_type_embedding = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.embed_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.embed_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.embed_dropout = Dropout(config.hidden_dropout_prob)
         self.register_buffer("position_ids",
                              torch.arange(config.max_position_embeddings)[None, :],
                              persistent=False)
