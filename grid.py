@@ -17,6 +17,7 @@ and run again from scratch (unless a process is using it: each run locks its fol
 from __future__ import annotations
 
 import math
+from functools import partial
 import os
 import shlex
 import sys
@@ -207,7 +208,7 @@ def plan(opts: GridOptions, say: Callable[[str], None] = print) -> list[Job]:
 def run_in_process(todo: list[Job], runner: Runner) -> list[Job]:
     """--jobs 1: one run after the other, in this process."""
     for job in todo:
-        clear_unsaved(job)
+        clear_unsaved(job, print)
         print(f"{job.label} -> {job.run_dir}", flush=True)
         finished = runner(job.argv) or job.run_dir
         if not is_done(finished):
@@ -223,7 +224,8 @@ def run_grid(opts: GridOptions, runner: Runner | None = None) -> dict:
         failed = run_in_process(todo, runner or default_runner())
     else:
         gpus = visible_gpus(opts.gpus)
-        failed = run_parallel(todo, opts.jobs, gpus if opts.gpus or len(gpus) > 1 else [])
+        failed = run_parallel(todo, opts.jobs, gpus if opts.gpus or len(gpus) > 1 else [],
+                              partial(print, flush=True))
     result = report.write_report(opts.runs_dir, os.path.join(opts.runs_dir, "report"),
                                  allow_empty=bool(failed))  # the failures say why
     result["failed"] = [{"run_dir": j.run_dir, "log": j.log} for j in failed]
