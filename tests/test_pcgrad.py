@@ -6,7 +6,7 @@ import torch
 
 from optimizer import AdamW
 from pcgrad import (PCGrad, combine_weights, gradient_cosines, gram_matrix, project_coefficients,
-                    project_conflicting)
+                    project_conflicting, weighted_sum)
 
 
 def rng(seed=0):
@@ -265,6 +265,16 @@ def test_gram_matrix_blocks_match_double_precision():
     expected = grads.double() @ grads.double().T
     torch.testing.assert_close(gram_matrix(grads).double(), expected, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(gram_matrix(grads, block=1000).double(), expected, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3])
+def test_weighted_sum_matches_double_precision(num_tasks):
+    rows = torch.randn(num_tasks, 10_007, generator=torch.Generator().manual_seed(4))
+    weights = [0.7, -1.25, 0.4][:num_tasks]
+    out = torch.full((10_007,), float("nan"))  # every element must be written
+    weighted_sum(rows, weights, out)
+    expected = torch.tensor(weights, dtype=torch.float64) @ rows.double()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_each_step_overwrites_the_task_rows():
