@@ -1,6 +1,8 @@
 """Encoder throughput benchmark: padded tokens/s for training (forward + backward, and with
 the AdamW step) and for inference, on the packaged checkpoint at batch 32 x length 64 with
-random real lengths. `--compare_hf` times transformers' BertModel on the same batches (if
+random real lengths: our encoder padded (`model(**batch)`, as transformers runs) and packed
+(`forward_many`: padding removed from the token-wise layers, as training runs it; outputs
+equal at the real tokens). `--compare_hf` times transformers' BertModel on the same batches (if
 transformers is installed) and prints our/their ratios. Then what bounds it on this machine
 (bench/limits.py): the GEMM FLOPs of a step on the real and the padded tokens, AdamW's
 memory traffic, the measured torch.mm rate at 2048^3 and at the step's shapes, and the
@@ -24,6 +26,7 @@ from bench.limits import (adamw_line, flops_line, fraction_line, linear_shapes, 
                           step_flops, updated_elements)
 from engine.cli import parse_config, run_cli
 from optimizer import AdamW
+from tokenizer import Encoded
 from utils import choose_device
 
 
@@ -38,6 +41,8 @@ class BenchConfig:
     seed: int = 0
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
     compare_hf: bool = field(default=False, metadata={"help": "also time transformers' BertModel"})
+    packed: bool = field(default=True, metadata={
+        "help": "also time ours through forward_many (padding removed), as training runs it"})
     bf16: bool = field(default=False, metadata={"help": "also time ours under bfloat16 autocast"})
     use_gpu: bool = field(default=False, metadata={"help": "run on CUDA (when present)"})
 
@@ -99,6 +104,19 @@ def measure(model: torch.nn.Module, batch: dict, cfg: BenchConfig,
     return results
 
 
+class PackedEncoder(torch.nn.Module):
+    """`encoder.forward_many` on one padded batch behind `model(**batch)`: the same
+    parameters, the outputs at the real tokens equal to the padded forward's."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor):
+        return self.encoder.forward_many([Encoded(input_ids, token_type_ids, attention_mask)])[0]
+
+
 def hf_model(folder: str) -> torch.nn.Module | None:
     try:
         from transformers import BertModel as HFBertModel
@@ -123,6 +141,8 @@ def main() -> None:
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}, "
           f"torch {torch.__version__}")
     models = {"ours": (ours, False)}
+    if cfg.packed:
+        models["ours packed"] = (PackedEncoder(ours), False)
     if cfg.compare_hf and (theirs := hf_model(folder)) is not None:
         models["transformers"] = (theirs.to(device), False)
     if cfg.bf16:
@@ -138,6 +158,9 @@ def main() -> None:
         if name != "ours":
             print(f"  {name}/ours: " + ", ".join(
                 f"{k} {results[name][k] / results['ours'][k]:.2f}x" for k in results["ours"]))
+    if "transformers" in results and "ours packed" in results:
+        print("  ours packed/transformers: " + ", ".join(
+            f"{k} {results['ours packed'][k] / results['transformers'][k]:.2f}x" for k in results["ours"]))
     print_limits(ours, batch["attention_mask"], results, device)
 
 

@@ -126,3 +126,28 @@ def test_phase_clock_times_each_part_of_the_real_train_step(tiny_checkpoint, tin
     mix_step(model, tasks, steps[0], optimizer, methods["pcgrad"])  # unwatched: nothing marks
     assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
     assert PhaseClock(torch.device("cpu")).take() == dict.fromkeys(PHASES, 0.0)
+
+
+def test_packed_encoder_row_runs_the_packed_pass_with_equal_outputs(tiny_config):
+    """bench.encoder's "ours packed" row: forward_many behind the padded call's signature,
+    the same parameters; outputs equal at the real tokens, zeros at the padding."""
+    from bench.encoder import BenchConfig, PackedEncoder, random_batch
+    from bert import BertModel
+    tiny_config.hidden_dropout_prob = tiny_config.attention_probs_dropout_prob = 0.0
+    tiny_config.vocab_size = 1100  # random_batch draws ids from 1000 up
+    encoder = BertModel(tiny_config)
+    batch = random_batch(BenchConfig(batch_size=4, seq_len=16), tiny_config.vocab_size)
+    packed = PackedEncoder(encoder)
+    assert list(packed.parameters()) == list(encoder.parameters())
+    calls = []
+    handle = encoder.register_forward_hook(lambda *_: calls.append("padded"))
+    out = packed(**batch)
+    handle.remove()
+    assert calls == []  # not the padded forward
+    ref = encoder(**batch)
+    real = batch["attention_mask"].bool()
+    assert not real.all()
+    torch.testing.assert_close(out.last_hidden_state[real], ref.last_hidden_state[real],
+                               rtol=1e-5, atol=1e-5)
+    assert not out.last_hidden_state[~real].any()
+    torch.testing.assert_close(out.pooler_output, ref.pooler_output, rtol=1e-5, atol=1e-5)
