@@ -144,6 +144,26 @@ def run_vocabulary(saved: dict, run_config, cfg: ExportConfig) -> tuple[list[str
     return read_vocab(vocab), lowercase_of(source), vocab
 
 
+def heads_description(load: str, saved: dict, tasks: list, max_length: int, hidden: int) -> dict:
+    """heads.json: what each head is and where it came from."""
+    return {
+        "format": HEADS_FORMAT,
+        "encoder": "this folder (config.json, model.safetensors, vocab.txt)",
+        "max_length": max_length, "hidden_size": hidden,
+        "source": {"checkpoint": os.path.abspath(load), "epoch": saved.get("epoch"),
+                   "overall": saved.get("overall")},
+        "heads": [t.describe(saved.get("dev") or {}) for t in tasks],
+    }
+
+
+def check_reads_back(encoder: BertModel, folder: str) -> None:
+    """The written folder must read back, through our strict loader, to the same tensors."""
+    reloaded = load_pretrained(BertModel(encoder.config), folder).state_dict()
+    for key, tensor in encoder.state_dict().items():
+        if not torch.equal(reloaded[key], tensor):
+            raise CheckpointError(f"{folder}: {key} does not read back as written")
+
+
 def export(cfg: ExportConfig) -> str:
     from safetensors.torch import save_file
     # the model as it was trained, rebuilt through the run path with a strict load
@@ -157,15 +177,7 @@ def export(cfg: ExportConfig) -> str:
                               f"{bert_config.vocab_size} embeddings")
     max_length = run_config.max_length
     hidden = bert_config.hidden_size
-    dev = saved.get("dev") or {}
-    heads_json = {
-        "format": HEADS_FORMAT,
-        "encoder": "this folder (config.json, model.safetensors, vocab.txt)",
-        "max_length": max_length, "hidden_size": hidden,
-        "source": {"checkpoint": os.path.abspath(cfg.load), "epoch": saved.get("epoch"),
-                   "overall": saved.get("overall")},
-        "heads": [t.describe(dev) for t in tasks],
-    }
+    heads_json = heads_description(cfg.load, saved, tasks, max_length, hidden)
     heads_tensors = {f"{t.name}.{k}": v.detach().cpu().clone().contiguous()
                      for t in tasks for k, v in t.head.state_dict().items()}
     with_st = cfg.sentence_transformers and any(t.head.kind == "bi_cosine" for t in tasks)
@@ -184,11 +196,7 @@ def export(cfg: ExportConfig) -> str:
         if with_st:
             for name, obj in sentence_transformers_files(hidden, max_length).items():
                 write_json(os.path.join(folder, name), obj)
-        # The written folder must read back, through our strict loader, to the same tensors.
-        reloaded = load_pretrained(BertModel(bert_config), folder).state_dict()
-        for key, tensor in encoder.state_dict().items():
-            if not torch.equal(reloaded[key], tensor):
-                raise CheckpointError(f"{folder}: {key} does not read back as written")
+        check_reads_back(encoder, folder)
 
     write_folder(cfg.out, cfg.force, fill, reads=(cfg.load, run_config.checkpoint))
     print(f"exported {cfg.load} (epoch {saved.get('epoch')}; heads "

@@ -241,3 +241,14 @@ def test_bad_input_is_one_line_and_exit_2(exported, tmp_path, capsys, case):
         assert not [n for n in os.listdir(os.path.dirname(out)) if n.startswith(".")]
     else:
         assert not os.path.exists(tmp_path / "hf")
+
+
+def test_read_back_check_names_a_tensor_that_differs(tmp_path, tiny_config):
+    """export's last check: a folder whose weights do not equal the encoder's is an error
+    naming the tensor (here the folder holds another random encoder's weights)."""
+    from safetensors.torch import save_file
+    written, other = BertModel(tiny_config), BertModel(tiny_config)
+    save_file(to_hf_state_dict(other), str(tmp_path / "model.safetensors"))
+    export.check_reads_back(other, str(tmp_path))  # the same weights: passes
+    with pytest.raises(export.CheckpointError, match="does not read back as written"):
+        export.check_reads_back(written, str(tmp_path))
