@@ -221,7 +221,7 @@ def famo_by_hand(losses):
         z = [math.exp(x) / sum(math.exp(y) for y in xi) for x in xi]
         r = [zk / dk for zk, dk in zip(z, dd)]
         return [x / sum(r) for x in r], z
-    out, z = [], [0.5, 0.5]
+    z = [0.5, 0.5]
     s1, _ = scales([0.0, 0.0], d[0])  # = (1/D) / sum(1/D): (4/5, 1/5) up to 1e-8
     delta = [math.log(a / b) for a, b in zip(d[0], d[1])]
     u = z[0] * z[1] * (delta[0] - delta[1])
