@@ -17,11 +17,11 @@ and run again from scratch (unless a process is using it: each run locks its fol
 from __future__ import annotations
 
 import math
-from functools import partial
 import os
 import shlex
 import sys
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Callable, ClassVar, Sequence
 
 import report

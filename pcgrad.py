@@ -117,10 +117,12 @@ class SparseRows:
         self.union = torch.cat(self.rows).unique()
         return torch.stack([view.index_select(0, self.union) for view in self.task_views]).flatten(1)
 
-    def write_update(self, live: torch.Tensor, weights: torch.Tensor) -> None:
+    def write_update(self, live: torch.Tensor, weights: list[float]) -> None:
         """update = sum_k w[k] g_k from gather()'s (K, n * H)."""
+        combined = live.new_empty(live.shape[1])
+        weighted_sum(live, weights, combined)
         self.update_view.index_fill_(0, self.update_rows, 0)
-        self.update_view.index_copy_(0, self.union, torch.mv(live.T, weights).view(len(self.union), -1))
+        self.update_view.index_copy_(0, self.union, combined.view(len(self.union), -1))
         self.update_rows = self.union
 
 
@@ -202,8 +204,8 @@ class PCGrad:
     def apply(self, weights: torch.Tensor) -> None:
         """sum_k w[k] g_k written as the shared parameters' gradients (after gram(); the
         update keeps any loss scale, for the scaler to unscale)."""
-        weighted_sum(self.grads[:, :self.dense_size], weights.tolist(), self.update[:self.dense_size])
-        weights = weights.to(self.grads)
+        weights = weights.tolist()
+        weighted_sum(self.grads[:, :self.dense_size], weights, self.update[:self.dense_size])
         for rows, part in zip(self.sparse, self._live):
             rows.write_update(part, weights)
         for p, view in zip(self.params, self.update_views):
