@@ -47,6 +47,16 @@ def test_accuracy_counts_matches():
     assert isinstance(accuracy([1], [1]), float)
 
 
+def test_accuracy_is_sklearns():
+    from sklearn.metrics import accuracy_score
+    rng = np.random.default_rng(0)
+    for n, classes in [(1, 2), (7, 5), (1000, 3)]:
+        labels, predictions = rng.integers(0, classes, n), rng.integers(0, classes, n)
+        assert accuracy(list(predictions), list(labels)) == float(accuracy_score(labels, predictions))
+    with pytest.raises(ValueError, match=r"\(3,\) predictions against \(2,\) labels"):
+        accuracy([0, 1, 2], [0, 1])
+
+
 def test_prediction_file_roundtrip(tmp_path):
     path = str(tmp_path / "out" / "sts-dev-output.csv")
     write_predictions(path, ["a", "b"], [1.23456, 4.0], "Similarity")
