@@ -341,6 +341,12 @@ class TrainStream:
                 self.next_indices()
 
 
+def subsample_limit(size: int, cap: int, fraction: float) -> int:
+    """How many of `size` examples --subsample (a cap) or --subsample_fraction keep
+    (0: all); a fraction keeps at least one, and the tasks' relative sizes."""
+    return cap or math.ceil(fraction * size)
+
+
 def subsample(examples: list[Example], limit: int, seed: int) -> list[Example]:
     """A fixed random subset of at most `limit` examples (0 = all)."""
     if not limit or limit >= len(examples):

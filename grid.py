@@ -53,6 +53,8 @@ class GridOptions:
     seeds: str = field(default="0", metadata={"help": "seeds, e.g. --seeds 0 1 2"})
     epochs: int = field(default=3, metadata={"help": "training epochs per run"})
     subsample: int = field(default=0, metadata={"help": "per-task training-set cap (0: all)"})
+    subsample_fraction: float = field(default=0.0, metadata={
+        "help": "per-task training-set fraction (0: all): the tasks keep their relative sizes"})
     runs_dir: str = field(default="runs/grid", metadata={"help": "one folder per run below it"})
     data_dir: str = field(default="", metadata={
         "help": f"data folder; empty: ${DATA_DIR_ENV} or data"})
@@ -84,6 +86,9 @@ class GridOptions:
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"--{name} must be a finite number >= 0 (0: the trainer's "
                                   f"default), got {value}")
+        if not 0 <= self.subsample_fraction < 1 or (self.subsample and self.subsample_fraction):
+            raise ConfigError(f"--subsample_fraction must be in [0, 1) and not given with "
+                              f"--subsample, got {self.subsample_fraction}")
         parse_seeds(self.seeds)
         check_extra(self.extra)
 
@@ -129,6 +134,8 @@ def trainer_argv(row: dict, seed: int, run_dir: str, opts: GridOptions) -> list[
                              "--run_dir", run_dir, "--data_dir", data_dir(opts)]
     if opts.subsample > 0:
         argv += ["--subsample", str(opts.subsample)]
+    if opts.subsample_fraction > 0:
+        argv += ["--subsample_fraction", str(opts.subsample_fraction)]
     lr = row.get("lr") or (opts.pretrain_lr if row["option"] == "pretrain" else opts.finetune_lr)
     if lr > 0 and "lr" not in row.get("sets", ()):  # a named row's own --lr wins
         argv += ["--lr", str(lr)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from datasets import subsample
+from datasets import subsample, subsample_limit
 from engine import ensemble, run
 from engine.cli import explicit_options, parse_config, run_cli
 from engine.configs import MultitaskConfig
@@ -31,14 +31,16 @@ def build_tasks(cfg: MultitaskConfig, tokenizer, bert_config, splits=run.SPLITS)
                         train_path=cfg.aux if spec is AUX else "", weight=cfg.weight(spec.name))
              for spec in specs]
     for i, task in enumerate(tasks):
-        task.train = subsample(task.train, cfg.subsample, cfg.seed + i)
+        limit = subsample_limit(len(task.train), cfg.subsample, cfg.subsample_fraction)
+        task.train = subsample(task.train, limit, cfg.seed + i)
     configure_losses(cfg, tasks)  # --label_smoothing, --sts_loss, --rdrop
     return tasks
 
 
 def train(cfg: MultitaskConfig) -> str:
     run_dir, summary, tasks = run.train(cfg, SCRIPT, build_tasks, cfg.run_name())
-    budget = f", training subsample {cfg.subsample}" if cfg.subsample else ""
+    budget = (f", training subsample {cfg.subsample}" if cfg.subsample else
+              f", training fraction {cfg.subsample_fraction:g}" if cfg.subsample_fraction else "")
     title = (f"dev results of {cfg.run_name()} (best epoch {summary['best_epoch']} of "
              f"{summary['epochs']}{budget})")
     scores = {k: v for k, v in summary["best"].items() if k != "overall"}

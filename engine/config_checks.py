@@ -18,6 +18,9 @@ def check_multitask(cfg) -> None:
     cfg.check_number("gradvac_beta", cfg.gradvac_beta, low=0.0, high=1.0)
     cfg.check_number("smooth_weights", cfg.smooth_weights, low=0.0, high=1.0)
     check_kind("--aux", cfg.aux, "file")
+    cfg.check_number("subsample_fraction", cfg.subsample_fraction, low=0.0, high=1.0)
+    if cfg.subsample and cfg.subsample_fraction:
+        raise ConfigError("--subsample and --subsample_fraction: give one (a cap or a fraction)")
     if cfg.pcgrad and cfg.aggregator not in ("sum", "pcgrad"):
         raise ConfigError(f"--pcgrad is --aggregator pcgrad; it contradicts --aggregator {cfg.aggregator}")
     if cfg.pcgrad or cfg.aggregator == "pcgrad":

@@ -241,6 +241,8 @@ class MultitaskConfig(RunConfig):
         "empty: every trained one of them)"))
     subsample: int = field(default=0, metadata=_help(
         "train on at most N examples per task (0: all), for quick budgets"))
+    subsample_fraction: float = field(default=0.0, metadata=_help(
+        "train on this fraction of each task's examples (0: all): sizes stay proportional"))
     sampling: str = field(default="cycle", metadata=_help(
         "how a mix step splits its examples among the tasks (engine/task_mixing.py). cycle: "
         "one batch of every task of its --batch_size_*, an epoch as long as the largest task "

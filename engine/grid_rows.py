@@ -35,6 +35,7 @@ def parse_seeds(text: str) -> list[int]:
 # that sets it: --extra setting one would run every row, or every seed, the same.
 GRID_FLAGS = {"seed": "--seeds", "run_dir": "--runs_dir", "epochs": "--epochs",
               "data_dir": "--data_dir", "subsample": "--subsample", "checkpoint": "--checkpoint",
+              "subsample_fraction": "--subsample_fraction",
               "aux": "--aux", "lr": "--finetune_lr or --pretrain_lr", "label": "--rows",
               **{name: "--rows" for name in ("option", "mode", "pcgrad", "aggregator", "balance",
                                              "hidden_dropout_prob", "weight_sst", "weight_quora",
@@ -127,7 +128,8 @@ ROWS_SUFFIX = ".toml"
 ROW_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 # What grid sets on every run, so a row may not: a row may set its method's flags, its
 # own --lr (as the methods' recipe row does) and --aux. Its name is its --label.
-SET_BY_GRID = ("seed", "run_dir", "epochs", "data_dir", "subsample", "checkpoint", "label")
+SET_BY_GRID = ("seed", "run_dir", "epochs", "data_dir", "subsample", "subsample_fraction",
+               "checkpoint", "label")
 
 
 def rows_file_argument(wanted: str) -> tuple[str, list[str]] | None:

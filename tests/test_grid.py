@@ -148,8 +148,22 @@ def test_seeds_run_outermost_and_defaults_leave_flags_out(tmp_path, monkeypatch)
                      "pretrain-0.3-seed2", "finetune-mix-aux-0.3-seed2"]
     first, aux_run = trainer.calls[0], trainer.calls[1]
     assert "--subsample" not in first and "--checkpoint" not in first and "--lr" not in first
+    assert "--subsample_fraction" not in first
     assert value(first, "--data_dir") == "ENVDATA"
     assert value(aux_run, "--aux") == os.path.join("ENVDATA", "yelp-aux-train.csv")
+
+
+def test_a_subsample_fraction_goes_to_every_run_and_excludes_a_cap(tmp_path):
+    trainer = FakeTrainer()
+    base = ["--rows", "finetune-mix-0.3", "--runs_dir", str(tmp_path / "grid"), "--epochs", "1"]
+    grid.main(base + ["--subsample_fraction", "0.25"], runner=trainer)
+    (argv,) = trainer.calls
+    assert value(argv, "--subsample_fraction") == "0.25" and "--subsample" not in argv
+    for bad in (["--subsample_fraction", "1"], ["--subsample_fraction", "0.5", "--subsample", "9"]):
+        with pytest.raises(ConfigError, match="--subsample_fraction must be in"):
+            grid.main(base + bad, runner=refuse)
+    with pytest.raises(ConfigError, match="--subsample_fraction"):  # grid sets it, not --extra
+        grid.main(base + ["--extra=--subsample_fraction 0.5"], runner=refuse)
 
 
 def test_finished_run_with_other_settings_is_an_error(tmp_path):

@@ -179,3 +179,34 @@ def test_a_sampled_run_is_its_own_report_row():
              config_name({**base, "sampling": "temperature", "sampling_temperature": "inf"})}
     assert len(names) == 3 and config_name(base) == "finetune-mix (0.3)"
     assert config_slug({**base, "sampling": "temperature"}) == "finetune-mix-t-2-sampling-0.3"
+
+
+def test_a_subsample_fraction_keeps_the_tasks_relative_sizes():
+    """--subsample caps every task at one size (uniform shares for any --sampling exponent);
+    a fraction keeps the full data's proportions: SST 8,544, Quora 15,999, STS 6,040."""
+    from datasets import subsample_limit
+    assert [subsample_limit(n, 0, 0.25) for n in (8544, 15999, 6040)] == [2136, 4000, 1510]
+    assert [subsample_limit(n, 2000, 0.0) for n in (8544, 15999, 6040)] == [2000] * 3
+    assert subsample_limit(3, 0, 0.01) == 1 and subsample_limit(3, 0, 0.0) == 0  # 0: all
+
+
+def test_a_run_trains_on_its_fraction_and_says_so(tiny_checkpoint, tiny_data, tmp_path, capsys):
+    run_dir = mtc.main(run_args(tiny_checkpoint, tiny_data, tmp_path / "run", "--epochs", "1",
+                                "--subsample_fraction", "0.5", "--sampling", "temperature",
+                                "--sampling_batch_size", "6"))
+    out = capsys.readouterr().out
+    for task in ("sst", "quora", "sts"):  # 24 examples each in the tiny data
+        assert f"{task}: 12 train" in out
+    assert "6 examples a step, 6 steps an epoch" in out  # 36 examples
+    assert "training fraction 0.5)" in out and os.path.isdir(run_dir)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--subsample_fraction", "1"], r"--subsample_fraction must be a finite number in \[0, 1\)"),
+    (["--subsample_fraction", "-0.1"], "--subsample_fraction must be"),
+    (["--subsample_fraction", "0.5", "--subsample", "100"], "give one"),
+])
+def test_bad_subsample_fractions_are_refused(flags, message):
+    from engine.cli import parse_config
+    with pytest.raises(ConfigError, match=message):
+        parse_config(MultitaskConfig, flags)
