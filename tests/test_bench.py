@@ -151,3 +151,29 @@ def test_packed_encoder_row_runs_the_packed_pass_with_equal_outputs(tiny_config)
                                rtol=1e-5, atol=1e-5)
     assert not out.last_hidden_state[~real].any()
     torch.testing.assert_close(out.pooler_output, ref.pooler_output, rtol=1e-5, atol=1e-5)
+
+
+def test_evaluation_bench_batchings_cover_each_example_once(tiny_checkpoint, tiny_data, capsys):
+    """bench.evaluation: each batching holds every dev example once, the sorted ones in
+    length order, and the three give the same outputs up to float rounding."""
+    import re
+    from bench.evaluation import BATCHINGS, main
+    main(["--checkpoint", tiny_checkpoint, "--data_dir", tiny_data, "--max_length", "64",
+          "--rounds", "1"])
+    out = capsys.readouterr().out
+    for name in BATCHINGS:
+        line = next(row for row in out.splitlines() if row.strip().startswith(f"{name}:"))
+        difference = float(re.search(r"difference from it (\S+)$", line).group(1))
+        assert difference < 1e-5, line
+    from engine import run
+    from multitask_classifier import MultitaskConfig, build_tasks
+    cfg = MultitaskConfig(checkpoint=tiny_checkpoint, data_dir=tiny_data, max_length=64)
+    s = run.setup(cfg)
+    for task in build_tasks(cfg, s.tokenizer, s.encoder.config, ("dev",)):
+        examples = task.examples("dev")
+        lengths = task.collate.lengths(examples)
+        for name, batching in BATCHINGS.items():
+            order = [i for batch in batching(task, examples) for i in batch]
+            assert sorted(order) == list(range(len(examples))), (task.name, name)
+            if name != "file order, 64":
+                assert [lengths[i] for i in order] == sorted(lengths), (task.name, name)
