@@ -11,6 +11,7 @@ method with the step's forward compiled (bench/compiled.py): compile time, ms/st
 
     python -m bench.mix [--steps 8] [--rounds 3] [--data_dir data] [--precision bf16]
         [--methods pcgrad,grad_norm] [--threads N] [--phase_rounds 1] [--compile]
+        [--freeze_word_embeddings] [--no-row_gradients]
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from engine.configs import Combination, MultitaskConfig, default_data_dir
 from engine.distributed import Dist
 from engine.errors import ConfigError
 from engine.names import COMPILE_MODES
+from engine.row_gradients import use_row_gradients
 from engine.step import make_context, train_step
 from multitask_classifier import build_tasks
 from optimizer import AdamW
@@ -52,6 +54,7 @@ class MixBenchConfig:
         "help": "comma-separated aggregators / balancings to time (default: all)"})
     data_dir: str = field(default_factory=default_data_dir)
     checkpoint: str = ""
+    max_length: int = 128
     precision: str = field(default="fp32", metadata={
         "help": "bf16: time steps under bfloat16 autocast", "choices": ["fp32", "bf16", "auto"]})
     seed: int = 0
@@ -68,6 +71,12 @@ class MixBenchConfig:
         "minutes); --compile stays off by default in training until this is measured")})
     compile_mode: str = field(default="default", metadata={
         "help": "inductor's mode with --compile", "choices": list(COMPILE_MODES)})
+    freeze_word_embeddings: bool = field(default=False, metadata={
+        "help": "time steps with the word embedding frozen, as the trainer's option runs them"})
+    row_gradients: bool = field(default=True, metadata={
+        "help": "the word embedding's gradient from the rows a step reaches, as the trainer "
+                "installs it on a CPU (engine/row_gradients.py); --no-row_gradients: torch's "
+                "dense embedding backward"})
 
 
 def make_methods(shared: list, sparse_rows: list, num_tasks: int, chosen: str) -> dict:
@@ -99,20 +108,32 @@ def mix_step(model, tasks: list, batches: list, optimizer, combiner: Combiner | 
         train_step(ctx, tasks, [([b], len(b)) for b in batches], optimizer, combiner)
 
 
-def main() -> None:
-    cfg = parse_config(MixBenchConfig, description=__doc__)
+def build_model(cfg: MixBenchConfig):
+    """The run's setup, tasks and model, its encoder trained as the trainer's build_parts
+    sets it up (frozen word embedding, row gradients) for these flags."""
+    task_cfg = MultitaskConfig(data_dir=cfg.data_dir, checkpoint=cfg.checkpoint, seed=cfg.seed,
+                               precision=cfg.precision, progress=False, use_gpu=cfg.use_gpu,
+                               max_length=cfg.max_length)
+    s = run.setup(task_cfg)
+    tasks = build_tasks(task_cfg, s.tokenizer, s.encoder.config, ("train",))
+    model = run.build_model(task_cfg, s.encoder, tasks, s.device).train()
+    model.train_encoder(True)  # as the trainer does: the unread pooler stays out
+    if cfg.freeze_word_embeddings:
+        model.encoder.word_embedding.requires_grad_(False)
+    if cfg.row_gradients:  # where the trainer installs them: CPU, one process, trainable
+        use_row_gradients(model.encoder, s.device, distributed=False)
+    return s, task_cfg, tasks, model
+
+
+def main(argv=None) -> None:
+    cfg = parse_config(MixBenchConfig, argv, description=__doc__)
     set_threads(cfg.threads)
     if cfg.phase_rounds < 0:
         raise ConfigError(f"--phase_rounds {cfg.phase_rounds}: must be >= 0")
     if cfg.compile_mode != "default" and not cfg.compile:
         raise ConfigError(f"--compile_mode {cfg.compile_mode} needs --compile")
-    task_cfg = MultitaskConfig(data_dir=cfg.data_dir, checkpoint=cfg.checkpoint, seed=cfg.seed,
-                               precision=cfg.precision, progress=False, use_gpu=cfg.use_gpu)
-    s = run.setup(task_cfg)
-    encoder = s.encoder
-    tasks = build_tasks(task_cfg, s.tokenizer, encoder.config, ("train",))
-    model = run.build_model(task_cfg, encoder, tasks, s.device).train()
-    model.train_encoder(True)  # as the trainer does: the unread pooler stays out
+    s, task_cfg, tasks, model = build_model(cfg)
+    encoder = model.encoder
     shared = [p for p in encoder.parameters() if p.requires_grad]
     streams = [iter(make_loader(t.train, t.collate, t.batch_size, shuffle=True, bucket=True,
                                 seed=cfg.seed)) for t in tasks]

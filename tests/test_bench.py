@@ -177,3 +177,22 @@ def test_evaluation_bench_batchings_cover_each_example_once(tiny_checkpoint, tin
             assert sorted(order) == list(range(len(examples))), (task.name, name)
             if name != "file order, 64":
                 assert [lengths[i] for i in order] == sorted(lengths), (task.name, name)
+
+
+@pytest.mark.parametrize("flags, rows, trained", [
+    ([], True, True), (["--no-row_gradients"], False, True),
+    (["--freeze_word_embeddings"], False, False)])
+def test_mix_bench_sets_the_encoder_up_as_the_trainer_does(tiny_checkpoint, tiny_data, flags,
+                                                           rows, trained, capsys):
+    """bench.mix times the trainer's step: the word embedding's row gradients on a CPU
+    (engine/build.py installs them), none when it is frozen; a frozen one takes no step."""
+    from bench.mix import MixBenchConfig, build_model, main
+    from engine.cli import parse_config
+    from engine.row_gradients import RowGradEmbedding
+    args = ["--checkpoint", tiny_checkpoint, "--data_dir", tiny_data, "--max_length", "64", *flags]
+    *_, model = build_model(parse_config(MixBenchConfig, args))
+    assert isinstance(model.encoder.word_embedding, RowGradEmbedding) is rows
+    assert model.encoder.word_embedding.weight.requires_grad is trained
+    if not trained:  # the whole bench once (its peak measurements take seconds)
+        main(args + ["--steps", "1", "--rounds", "1", "--methods", "pcgrad", "--phase_rounds", "0"])
+        assert "pcgrad" in capsys.readouterr().out
