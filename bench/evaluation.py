@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench import multitask_model
 from bench.limits import machine_header, set_threads
 from engine.cli import parse_config, run_cli
 from engine.configs import default_data_dir
@@ -66,15 +67,13 @@ def largest_difference(a: dict, b: dict) -> float:
 
 
 def main(argv=None) -> None:
-    from engine import run
-    from multitask_classifier import MultitaskConfig, build_tasks
+    from multitask_classifier import MultitaskConfig
     cfg = parse_config(EvaluationBenchConfig, argv, description=__doc__.splitlines()[0])
     set_threads(cfg.threads)
     run_cfg = MultitaskConfig(checkpoint=cfg.checkpoint, data_dir=cfg.data_dir,
                               max_length=cfg.max_length, progress=False)
-    s = run.setup(run_cfg)
-    tasks = build_tasks(run_cfg, s.tokenizer, s.encoder.config, ("dev",))
-    model = run.build_model(run_cfg, s.encoder, tasks, s.device).eval()
+    s, tasks, model = multitask_model(run_cfg, ("dev",))
+    model.eval()
     print(machine_header(s.device))
     print("dev examples: " + ", ".join(f"{t.name} {len(t.examples('dev'))}" for t in tasks) +
           "; batches: " + ", ".join(f"{name} {sum(len(b(t, t.examples('dev'))) for t in tasks)}"

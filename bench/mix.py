@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench import multitask_model
 from bench.compiled import compiled_lines, time_compiled
 from bench.limits import (StepFlops, adamw_line, flops_line, fraction_line, linear_shapes,
                           machine_header, measure_peaks, peak_for, peak_lines, read_cpu,
                           set_threads, step_flops, updated_elements)
 from bench.phases import PhaseClock, phase_lines
 from datasets import make_loader
-from engine import run
 from engine.aggregators import AGGREGATORS
 from engine.balancing import BALANCERS
 from engine.cli import parse_config, run_cli
@@ -39,7 +39,6 @@ from engine.errors import ConfigError
 from engine.names import COMPILE_MODES
 from engine.row_gradients import use_row_gradients
 from engine.step import make_context, train_step
-from multitask_classifier import build_tasks
 from optimizer import AdamW
 from pcgrad import PCGrad, gram_matrix
 
@@ -114,9 +113,8 @@ def build_model(cfg: MixBenchConfig):
     task_cfg = MultitaskConfig(data_dir=cfg.data_dir, checkpoint=cfg.checkpoint, seed=cfg.seed,
                                precision=cfg.precision, progress=False, use_gpu=cfg.use_gpu,
                                max_length=cfg.max_length)
-    s = run.setup(task_cfg)
-    tasks = build_tasks(task_cfg, s.tokenizer, s.encoder.config, ("train",))
-    model = run.build_model(task_cfg, s.encoder, tasks, s.device).train()
+    s, tasks, model = multitask_model(task_cfg, ("train",))
+    model.train()
     model.train_encoder(True)  # as the trainer does: the unread pooler stays out
     if cfg.freeze_word_embeddings:
         model.encoder.word_embedding.requires_grad_(False)

@@ -102,14 +102,13 @@ def test_phase_clock_times_each_part_of_the_real_train_step(tiny_checkpoint, tin
     are seen in every method, the combination in the per-task ones only, and the clock
     leaves no hook or wrapper behind."""
     from bench.mix import PLAIN, make_methods, mix_step, time_phases
-    from engine import run
-    from multitask_classifier import MultitaskConfig, build_tasks
+    from bench import multitask_model
+    from multitask_classifier import MultitaskConfig
     from optimizer import AdamW
     cfg = MultitaskConfig(checkpoint=tiny_checkpoint, data_dir=tiny_data, max_length=64,
                           progress=False)
-    s = run.setup(cfg)
-    tasks = build_tasks(cfg, s.tokenizer, s.encoder.config, ("train",))
-    model = run.build_model(cfg, s.encoder, tasks, s.device).train()
+    _, tasks, model = multitask_model(cfg, ("train",))
+    model.train()
     model.train_encoder(True)
     shared = [p for p in model.encoder.parameters() if p.requires_grad]
     methods = make_methods(shared, [model.encoder.word_embedding.weight], len(tasks), "pcgrad")
