@@ -68,8 +68,9 @@ class RowGradEmbedding(nn.Embedding):
 
     @classmethod
     def wrapping(cls, embedding: nn.Embedding) -> "RowGradEmbedding":
+        # _weight: no random init (on "meta" its normal_ imports torch._dynamo, ~1.5 s)
         module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,
-                     device="meta")
+                     _weight=embedding.weight.detach())
         module.weight = embedding.weight  # the same Parameter: optimizers and buffers see it
         module.grad_buffer = torch.zeros_like(embedding.weight)
         module.reached = []

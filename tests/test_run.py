@@ -102,3 +102,24 @@ def test_the_results_tools_never_load_the_model():
             "sys.exit('torch' in sys.modules)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+
+
+def test_an_eager_run_resumed_never_imports_dynamo(tiny_checkpoint, tiny_data, tmp_path):
+    """torch imports torch._dynamo (~1.5 s) on the first call of anything it wraps in
+    torch._disable_dynamo (the Optimizer's methods, an init on the meta device): a run that
+    does not compile, here a resumed one (build, load_state_dict, steps, saves), goes without."""
+    import signal
+    import subprocess
+    import sys
+    from test_resume import killed
+    run_dir = tmp_path / "r"
+    argv = run_args(tiny_checkpoint, tiny_data, run_dir, "--epochs", "2", "--pcgrad",
+                    "--save_every_steps", "4")
+    assert killed("multitask", argv, 1).returncode == -signal.SIGKILL
+    code = ("import sys, multitask_classifier as m\nm.main(sys.argv[1:])\n"
+            "sys.exit('torch._dynamo' in sys.modules)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code, "--resume", str(run_dir), "--no-progress"],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert os.path.isfile(run_dir / "summary.json")
