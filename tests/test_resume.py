@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import multitask_classifier as mtc
+from engine.cli import run_cli
 from engine.compiling import BACKEND_ENV
 from engine.errors import ConfigError
 from evaluation import read_predictions
@@ -177,30 +178,32 @@ def test_a_compiled_run_resumes_exactly(tiny_checkpoint, tiny_data, tmp_path, mo
     assert not any("_orig_mod" in key for key in keys)
 
 
-def test_sigterm_saves_and_says_how_to_resume(tiny_checkpoint, tiny_data, tmp_path, reference):
+def test_sigterm_saves_and_says_how_to_resume(tiny_checkpoint, tiny_data, tmp_path, reference,
+                                              capsys):
     run_dir = tmp_path / "run"
     argv = run_args(tiny_checkpoint, tiny_data, run_dir, *EXTRA, *MODES["mix-pcgrad"])
     done = killed("multitask", argv, 1, "TERM")
     assert done.returncode == 143
     assert f"interrupted at epoch 1, step 4; state saved. Continue with: --resume {run_dir}" \
         in done.stderr.strip().splitlines()[-1]
-    again = subprocess.run([sys.executable, "multitask_classifier.py", *argv], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "holds an interrupted run; continue it with --resume" in again.stderr
+    # the script's entry point in this process (a process start fewer): its exit code and line
+    assert run_cli(lambda: mtc.main(argv)) == 2
+    assert "holds an interrupted run; continue it with --resume" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="would change it: --lr"):
         mtc.main(["--resume", str(run_dir), "--lr", "0.1"])
     mtc.main(["--resume", str(run_dir), "--no-progress"])
     assert_same_run(str(run_dir), reference["mix-pcgrad"])
 
 
-def test_a_diverging_run_stops_with_one_line_and_writes_no_nan(tiny_checkpoint, tiny_data, tmp_path):
+def test_a_diverging_run_stops_with_one_line_and_writes_no_nan(tiny_checkpoint, tiny_data, tmp_path,
+                                                               capsys):
     run_dir = tmp_path / "run"
     argv = run_args(tiny_checkpoint, tiny_data, run_dir, "--epochs", "3", "--lr", "1e9",
                     "--save_every_steps", "0")
-    done = subprocess.run([sys.executable, "multitask_classifier.py", *argv], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr
-    line = done.stderr.strip().splitlines()[-1]
+    code = run_cli(lambda: mtc.main(argv))  # the script's entry point, in this process
+    err = capsys.readouterr().err
+    assert code == 2, err
+    line = err.strip().splitlines()[-1]
     assert line.startswith("error: loss became nan at epoch") and "(lr 1e+09)" in line
     assert "last good checkpoint:" in line
     for name in os.listdir(run_dir):
