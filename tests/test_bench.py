@@ -195,3 +195,17 @@ def test_mix_bench_sets_the_encoder_up_as_the_trainer_does(tiny_checkpoint, tiny
     if not trained:  # the whole bench once (its peak measurements take seconds)
         main(args + ["--steps", "1", "--rounds", "1", "--methods", "pcgrad", "--phase_rounds", "0"])
         assert "pcgrad" in capsys.readouterr().out
+
+
+def test_adamw_bench_times_both_denominators_on_a_saved_state(tmp_path, capsys):
+    """bench.adamw reads v from a run's last.pt (its first optimizer's state), times the
+    plain and the floored sqrt(v) + eps, and says whether they agree bit for bit."""
+    from bench.adamw import main, saved_v
+    v = torch.rand(3, 500) ** 8
+    v[1] = 0.0  # an unreached row
+    state = {"state": {0: {"exp_avg_sq": v}, 1: {"exp_avg_sq": torch.ones(7)}}}
+    torch.save({"optimizers": {"mix": state}}, tmp_path / "last.pt")
+    assert torch.equal(saved_v(str(tmp_path / "last.pt")), torch.cat([v.reshape(-1), torch.ones(7)]))
+    main(["--state", str(tmp_path / "last.pt"), "--rounds", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "1,507 elements, 33.2% exact zeros" in out and "the same bits: True" in out

@@ -287,3 +287,41 @@ def test_the_reused_denominator_changes_no_number():
         for p, expected in zip(params, by_formula):
             assert torch.equal(p.detach().view(torch.int32), expected.view(torch.int32)), t
     assert [s.numel() for s in opt._scratch.values()] == [350]
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-8, 1e-3])
+def test_the_sqrt_floor_leaves_every_denominator_as_it_is(eps):
+    """v is clamped to sqrt_floor before the root (sqrt is slow on zeros): sqrt(v) + eps
+    keeps its bits for zeros, values at and around the floor, subnormals, NaN and inf."""
+    floor = optimizer.sqrt_floor(eps, torch.float32)
+    assert floor > 0.0  # the clamped path is the one taken at these eps
+    around = torch.tensor([floor], dtype=torch.float64) * torch.logspace(-12, 12, 241, dtype=torch.float64)
+    special = torch.tensor([0.0, -0.0, 1e-45, 1e-40, floor, float("nan"), float("inf"), 1.0])
+    v = torch.cat([around.float(), special, torch.rand(10_000) ** 8])
+    plain, clamped = torch.sqrt(v).add_(eps), torch.clamp_min(v, floor).sqrt_().add_(eps)
+    assert torch.equal(plain.view(torch.int32), clamped.view(torch.int32))
+
+
+def test_no_floor_where_eps_is_not_a_normal_float():
+    assert optimizer.sqrt_floor(0.0, torch.float32) == 0.0
+    assert optimizer.sqrt_floor(1e-12, torch.float32) == 0.0  # the floor itself would be subnormal
+    assert optimizer.sqrt_floor(1e-12, torch.float64) > 0.0
+
+
+def test_rows_without_gradient_step_like_the_reference_bitwise():
+    """An embedding-like parameter whose unreached rows keep v = 0 (the clamped path's
+    case) and rows of tiny gradients (v near the floor): the reference's bits."""
+    g = torch.Generator().manual_seed(3)
+    init = torch.randn(40, 8, generator=g)
+    init[5:10] = 0.0  # so that their tiny updates show in the bits
+    params, ref_params = [torch.nn.Parameter(init.clone())], [torch.nn.Parameter(init.clone())]
+    opt, ref = AdamW(params, lr=1e-2, eps=1e-6), ReferenceAdamW(ref_params, lr=1e-2, eps=1e-6)
+    for step in range(4):
+        grad = torch.randn(40, 8, generator=g)
+        grad[10:] = 0.0  # rows 10.. never reached
+        grad[5:10] *= 1e-14  # v ~ 1e-28: just below and above the floor
+        for p, o in ((params[0], opt), (ref_params[0], ref)):
+            p.grad = grad.clone()
+            o.step()
+    assert (opt.state[params[0]]["exp_avg_sq"] == 0).sum() == 30 * 8
+    assert_same_bits(params, opt, ref_params, ref)
