@@ -276,7 +276,9 @@ class Packing:
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         rows = len(self.input_ids) * self.length
-        full = packed.new_zeros((rows,) + packed.shape[1:]).index_copy(0, self.index, packed)
+        # in place into the fresh zeros: index_copy would first clone them (a (S * T, 3H)
+        # copy per layer); autograd gives `packed` the same gradient either way
+        full = packed.new_zeros((rows,) + packed.shape[1:]).index_copy_(0, self.index, packed)
         return full.view(len(self.input_ids), self.length, *packed.shape[1:])
 
 
