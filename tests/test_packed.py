@@ -60,6 +60,32 @@ def test_packing_round_trips_the_real_tokens():
     assert torch.equal(packing.pack(packing.attention_mask), torch.ones(len(packing.index)).long())
 
 
+def test_unpack_writes_into_its_zeros_without_a_copy():
+    """unpack scatters the real rows into fresh zeros in place (index_copy_), never a copy
+    of the padded tensor (the out-of-place index_copy clones it first); its gradient is
+    the real rows' slice of the padded gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    packing = Packing.of([b() for b in BATCHES])
+    rows = torch.randn(len(packing.index), 6, requires_grad=True)
+    with Ops() as seen:
+        padded = packing.unpack(rows)
+    assert "index_copy_.default" in seen.names
+    assert not {"index_copy.default", "clone.default", "copy_.default"} & set(seen.names)
+    weights = torch.randn(padded.shape)
+    (padded * weights).sum().backward()
+    assert torch.equal(rows.grad, weights.flatten(0, 1)[packing.index])
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_packed_pass_equals_one_padded_pass_per_batch(encoder, fused):
     encoder.set_fused_attention(fused)
