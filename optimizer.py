@@ -184,7 +184,8 @@ def sqrt_floor(eps: float, dtype: torch.dtype) -> float:
     eps = torch.tensor(eps, dtype=dtype).item()
     if not eps >= info.tiny or not math.isfinite(eps):
         return 0.0
-    spacing = 2.0 ** math.floor(math.log2(eps)) * info.eps  # between eps and the next float up
+    exponent = math.frexp(eps)[1] - 1  # eps in [2^exponent, 2^(exponent + 1)), exactly
+    spacing = 2.0 ** exponent * info.eps  # between eps and the next float up
     floor = (spacing / 4) ** 2  # sqrt(floor) = spacing / 4 exactly: powers of two
     return floor if floor >= info.tiny else 0.0
 

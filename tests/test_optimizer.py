@@ -289,7 +289,7 @@ def test_the_reused_denominator_changes_no_number():
     assert [s.numel() for s in opt._scratch.values()] == [350]
 
 
-@pytest.mark.parametrize("eps", [1e-6, 1e-8, 1e-3])
+@pytest.mark.parametrize("eps", [1e-6, 1e-8, 1e-3, 1.0, float.fromhex("0x1.fffffep-1")])
 def test_the_sqrt_floor_leaves_every_denominator_as_it_is(eps):
     """v is clamped to sqrt_floor before the root (sqrt is slow on zeros): sqrt(v) + eps
     keeps its bits for zeros, values at and around the floor, subnormals, NaN and inf."""
