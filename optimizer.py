@@ -135,11 +135,7 @@ class AdamW(Optimizer):
         beta1, beta2 = group["betas"]
         m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        if floor > 0.0:  # the same bits as below, without the slow sqrt of zeros
-            denominator = torch.clamp_min(v, floor, out=scratch).sqrt_().add_(group["eps"])
-        else:
-            denominator = torch.sqrt(v, out=scratch).add_(group["eps"])
-        p.addcdiv_(m, denominator, value=-alpha)
+        p.addcdiv_(m, denominator(v, group["eps"], floor, scratch), value=-alpha)
         if group["weight_decay"] > 0.0:
             p.mul_(1.0 - group["lr"] * group["weight_decay"])
 
@@ -172,6 +168,14 @@ class AdamW(Optimizer):
         if buffer is None or buffer.numel() < size:
             buffer = self._scratch[key] = torch.empty(size, device=key[0], dtype=key[1])
         return buffer
+
+
+def denominator(v: torch.Tensor, eps: float, floor: float, out: torch.Tensor) -> torch.Tensor:
+    """sqrt(v) + eps into `out`; v first clamped to `floor` (sqrt_floor: the same bits,
+    without the slow sqrt of zeros) where it is > 0."""
+    if floor > 0.0:
+        return torch.clamp_min(v, floor, out=out).sqrt_().add_(eps)
+    return torch.sqrt(v, out=out).add_(eps)
 
 
 def sqrt_floor(eps: float, dtype: torch.dtype) -> float:

@@ -55,11 +55,7 @@ def denominators(v: torch.Tensor, eps: float, floor: float, scratch: torch.Tenso
     start = time.perf_counter()
     for first in range(0, v.numel(), optimizer.CHUNK):
         part = v[first:first + optimizer.CHUNK]
-        into = scratch[:len(part)]
-        if floor > 0.0:
-            torch.clamp_min(part, floor, out=into).sqrt_().add_(eps)
-        else:
-            torch.sqrt(part, out=into).add_(eps)
+        optimizer.denominator(part, eps, floor, scratch[:len(part)])
     return (time.perf_counter() - start) * 1000
 
 
@@ -68,9 +64,9 @@ def main(argv=None) -> None:
     set_threads(cfg.threads)
     v = saved_v(cfg.state) if cfg.state else minilm_v(cfg.reached, cfg.seed)
     floor = optimizer.sqrt_floor(cfg.eps, v.dtype)
-    plain = torch.sqrt(v).add_(cfg.eps)
-    same = torch.equal(plain.view(torch.int32),
-                       torch.clamp_min(v, floor).sqrt_().add_(cfg.eps).view(torch.int32))
+    plain, floored = (optimizer.denominator(v, cfg.eps, f, torch.empty_like(v)) for f in (0.0, floor))
+    same = torch.equal(plain.view(torch.int32), floored.view(torch.int32))
+    del plain, floored
     scratch = torch.empty(optimizer.CHUNK, dtype=v.dtype)
     print(machine_header(torch.device("cpu")))
     print(f"v: {v.numel():,} elements, {(v == 0).float().mean():.1%} exact zeros; eps {cfg.eps:g}, "
