@@ -64,7 +64,8 @@ def main(argv=None) -> None:
     set_threads(cfg.threads)
     v = saved_v(cfg.state) if cfg.state else minilm_v(cfg.reached, cfg.seed)
     floor = optimizer.sqrt_floor(cfg.eps, v.dtype)
-    plain, floored = (optimizer.denominator(v, cfg.eps, f, torch.empty_like(v)) for f in (0.0, floor))
+    plain, floored = (optimizer.denominator(v, cfg.eps, f, torch.empty_like(v))
+                      for f in (0.0, floor))
     same = torch.equal(plain.view(torch.int32), floored.view(torch.int32))
     del plain, floored
     scratch = torch.empty(optimizer.CHUNK, dtype=v.dtype)
