@@ -3,8 +3,10 @@ middle of one, resume it, and compare with an uninterrupted run of the same seed
 import json
 import os
 import signal
+import multiprocessing
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -15,17 +17,34 @@ from engine.compiling import BACKEND_ENV
 from engine.errors import ConfigError
 from evaluation import read_predictions
 
+import die_after_save
 from test_training import run_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+FORKS = multiprocessing.get_context("forkserver")
+# What die_after_save imports, by names the server can import: Python 3.11's forkserver
+# starts in the working directory (the checkout under `make test`) with its default path,
+# not ours (an import that fails there is skipped: the child then imports it, slower).
+FORKS.set_forkserver_preload(["torch", "multitask_classifier", "classifier", "engine.trainer"])
 
 
 def killed(script: str, argv: list[str], saves: int, sig: str = "KILL") -> subprocess.CompletedProcess:
-    # one thread, as in this test process: another thread count sums in another order
-    env = dict(os.environ, KILL_AFTER_SAVES=str(saves), KILL_SIGNAL=sig, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(HERE, "die_after_save.py"), script, *argv],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    """The script run in a process of its own and killed (KILL, TERM or INT) right after its
+    Nth save (tests/die_after_save.py), forked from a server that imported torch once."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        process = FORKS.Process(target=die_after_save.run_killed,
+                                args=(script, [str(a) for a in argv], saves, sig, env, out, err))
+        process.start()
+        process.join(120)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            pytest.fail(f"the killed run of {argv} was still running after 120 s")
+        with open(out) as o, open(err) as e:
+            return subprocess.CompletedProcess(argv, process.exitcode, o.read(), e.read())
 
 
 def metrics(run_dir):
