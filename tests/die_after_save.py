@@ -2,7 +2,7 @@
 an interruption at an exact point. Two ways in:
 - as a program (KILL_AFTER_SAVES=N, KILL_SIGNAL=KILL|TERM|INT): torchrun starts it so;
 - `run_killed`, the target of a process forked from a multiprocessing forkserver that has
-  imported this module (torch and the scripts) once: tests/test_resume.py's `killed`. A
+  imported torch and the scripts once: tests/test_resume.py's `killed`. A
   killed run then costs its run only, not an interpreter's start and torch's import (~2 s
   of the ~3-6 s each; the suite kills two dozen). The server never computes, so its
   children start with OpenMP untouched (GNU OpenMP is not fork-safe once used)."""

@@ -1,11 +1,10 @@
 """Interrupted runs continue exactly: kill a run (SIGKILL) right after an epoch and in the
 middle of one, resume it, and compare with an uninterrupted run of the same seed."""
 import json
+import multiprocessing
 import os
 import signal
-import multiprocessing
 import subprocess
-import sys
 import tempfile
 
 import pytest
@@ -20,8 +19,6 @@ from evaluation import read_predictions
 import die_after_save
 from test_training import run_args
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 FORKS = multiprocessing.get_context("forkserver")
 # What die_after_save imports, by names the server can import: Python 3.11's forkserver
 # starts in the working directory (the checkout under `make test`) with its default path,
