@@ -32,7 +32,7 @@ from datasets import make_loader
 from engine.aggregators import AGGREGATORS
 from engine.balancing import BALANCERS
 from engine.cli import parse_config, run_cli
-from engine.combiner import Combiner
+from engine.combiner import Combiner, LossWeights
 from engine.configs import Combination, MultitaskConfig, default_data_dir
 from engine.distributed import Dist
 from engine.errors import ConfigError
@@ -79,8 +79,10 @@ class MixBenchConfig:
 
 
 def make_methods(shared: list, sparse_rows: list, num_tasks: int, chosen: str) -> dict:
-    """name -> PCGrad (None: the plain summed backward). Aggregators on unbalanced losses,
-    balancings under the sum, each combining as the trainer does (balanced_weights)."""
+    """name -> Combiner (None: the plain summed backward). Aggregators on unbalanced losses,
+    balancings under the sum, each combining as the trainer does (balanced_weights); a
+    loss-only combination (RLW, uncertainty, DWA, FAMO) as its steps outside the
+    diagnostics run: LossWeights, one weighted backward."""
     names = chosen.split(",") if chosen else [*AGGREGATORS][1:] + [*BALANCERS][1:]
     unknown = set(names) - set(AGGREGATORS) - set(BALANCERS)
     if unknown:
@@ -93,17 +95,19 @@ def make_methods(shared: list, sparse_rows: list, num_tasks: int, chosen: str) -
     for label, parts in methods.items():
         if parts is not None:
             buffer = PCGrad(shared, num_tasks, sparse_rows=sparse_rows)
-            methods[label] = Combiner(Combination(parts[0], balance=parts[1]), buffer, num_tasks, 0)
+            combiner = Combiner(Combination(parts[0], balance=parts[1]), buffer, num_tasks, 0)
+            methods[label] = LossWeights(combiner) if combiner.loss_only else combiner
     return methods
 
 
-def mix_step(model, tasks: list, batches: list, optimizer, combiner: Combiner | None,
+def mix_step(model, tasks: list, batches: list, optimizer, combiner: Combiner | LossWeights | None,
              clock: PhaseClock | None = None, packed: bool = True) -> None:
     """One finetune-mix step on one process, as the trainer takes it; `clock` times its phases."""
     device = next(model.parameters()).device
+    rows = isinstance(combiner, Combiner)
     ctx = make_context(model, tasks, Dist(0, 1, 0, device), model.precision, find_unused=False,
-                       combined=combiner.params if combiner is not None else [], packed=packed)
-    with clock.watch(ctx.local, optimizer, combiner) if clock else nullcontext():
+                       combined=combiner.params if rows else [], packed=packed)
+    with clock.watch(ctx.local, optimizer, combiner if rows else None) if clock else nullcontext():
         train_step(ctx, tasks, [([b], len(b)) for b in batches], optimizer, combiner)
 
 

@@ -30,8 +30,11 @@ def _unit_trace(gram: torch.Tensor) -> torch.Tensor | None:
 
 
 class Aggregator:
-    """Base: update = sum_k w[k] g_k with w = weights(gram (K, K), losses (K,)) -> (K,)."""
+    """Base: update = sum_k w[k] g_k with w = weights(gram (K, K), losses (K,)) -> (K,).
+    `reads_gram` False: the weights never look at the Gram matrix (it may be None), so a
+    step can take them before its backward (combiner.LossWeights)."""
     name = ""
+    reads_gram = True
 
     def __init__(self, num_tasks: int, seed: int = 0):
         self.num_tasks = num_tasks
@@ -52,6 +55,7 @@ class Aggregator:
 class Sum(Aggregator):
     """Plain summed losses: w = 1."""
     name = "sum"
+    reads_gram = False
 
     def weights(self, gram, losses):
         return self._ones()
@@ -273,6 +277,7 @@ class RLW(Aggregator):
     """Random loss weighting (Lin et al. 2022): w = softmax(z), z ~ N(0, I) drawn each step
     from a seeded generator (its state resumes); no use of G."""
     name = "rlw"
+    reads_gram = False
 
     def __init__(self, num_tasks: int, seed: int = 0):
         super().__init__(num_tasks)

@@ -152,6 +152,7 @@ class Smoothed(Aggregator):
         if not 0 <= beta < 1:
             raise ValueError(f"beta must be in [0, 1), got {beta}")
         self.inner, self.beta, self.name = inner, beta, inner.name
+        self.reads_gram = inner.reads_gram
         self.last: torch.Tensor | None = None  # w_{t-1}
 
     def weights(self, gram, losses):

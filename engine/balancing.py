@@ -22,8 +22,9 @@ def _as_vector(values) -> torch.Tensor:
 
 
 class Balancer:
-    """Base: scales 1 (no balancing)."""
+    """Base: scales 1 (no balancing). `reads_gram` as aggregators.Aggregator's."""
     name = "none"
+    reads_gram = False
 
     def __init__(self, num_tasks: int):
         self.num_tasks = num_tasks
@@ -118,6 +119,7 @@ class GradNormEqualiser(Balancer):
     SST / Quora / STS norms 7.4 / 4.0 / 15.3 were evened out by weights 1 / 2 / 0.5). Not
     GradNorm (Chen et al. 2018), which learns the weights with its own loss and optimizer."""
     name = "grad_norm"
+    reads_gram = True
 
     def __init__(self, num_tasks: int, beta: float = 0.9):
         super().__init__(num_tasks)
@@ -217,7 +219,8 @@ def make_balancer(name: str, num_tasks: int, **options) -> Balancer:
 def balanced_weights(gram: torch.Tensor, losses, aggregator: Aggregator,
                      balancer: Balancer) -> torch.Tensor:
     """Weights (K,) on the raw gradients: the aggregator runs on the scaled tasks s_k g_k,
-    s_k L_k (Gram diag(s) G diag(s)), and its w' on s_k g_k is w' * s on g_k."""
+    s_k L_k (Gram diag(s) G diag(s)), and its w' on s_k g_k is w' * s on g_k. `gram` None
+    where neither reads it (their `reads_gram`)."""
     scale = balancer.scales(losses, gram)  # (K,)
-    scaled_gram = scale[:, None] * gram * scale[None, :]  # (K, K)
+    scaled_gram = None if gram is None else scale[:, None] * gram * scale[None, :]  # (K, K)
     return aggregator.weights(scaled_gram, _as_vector(losses) * scale) * scale

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from engine import distributed
 from engine.distributed import Dist
-from engine.combiner import Combiner
+from engine.combiner import Combiner, LossWeights
 from engine.losses import doubled, fold
 from engine.precision import Precision
 from engine.sharding import micro_scale
@@ -123,17 +123,23 @@ def make_context(model: nn.Module, tasks: list, dist: Dist, precision: Precision
 
 
 def train_step(ctx: StepContext, tasks: list[Task], drawn: list, optimizer,
-               combiner: Combiner | None = None, stop: int = 0) -> tuple[list[float], torch.Tensor | None, int]:
+               combiner: Combiner | LossWeights | None = None,
+               stop: int = 0) -> tuple[list[float], torch.Tensor | None, int]:
     """One optimizer step. drawn[k]: task k's micro-batches on this process and its global
     batch size. The gradients of the micro-batches accumulate (backward_all); then the
     plain sum (averaged over processes by DDP) or `combiner`'s combination; then the step
-    (skipped by the fp16 loss scaler on an overflow). Returns the global mean task losses,
-    the Gram matrix and the stop signal all processes agreed on. A non-finite loss or
-    gradient raises NonFinite before anything is updated."""
+    (skipped by the fp16 loss scaler on an overflow). LossWeights: the plain step's one
+    backward, of the losses weighted from their values (weighted_backward). Returns the
+    global mean task losses, the Gram matrix and the stop signal all processes agreed on. A
+    non-finite loss or gradient raises NonFinite before anything is updated."""
     optimizer.zero_grad(set_to_none=True)
     names = [t.name for t in tasks]
-    values, stop = ctx.agree(backward_all(ctx, names, drawn, combiner), stop)
-    check_finite(values, names, "loss")
+    if isinstance(combiner, LossWeights):
+        values, stop = weighted_backward(ctx, tasks, drawn, combiner, stop)
+        combiner = None
+    else:
+        values, stop = ctx.agree(backward_all(ctx, names, drawn, combiner), stop)
+        check_finite(values, names, "loss")
     gram = None
     if combiner is None and not ctx.ddp_syncs:  # a plain step without DDP
         ctx.reduce_grads(ctx.trainable)
@@ -185,6 +191,38 @@ def backward_all(ctx: StepContext, names: list[str], drawn: list,
                 for k, loss, more in zip(here, losses, accumulate):
                     combiner.backward(k, ctx.scale(loss), accumulate=more)
     return shares
+
+
+def weighted_backward(ctx: StepContext, tasks: list[Task], drawn: list, weighing: LossWeights,
+                      stop: int) -> tuple[list[float], int]:
+    """One micro-batch's forward, its losses agreed over processes and weighed, then ONE
+    backward of sum_k w_k L_k into .grad (DDP averages it as a plain step's). The rows' path
+    weighs the shared encoder only, each head keeping its own task's gradient: so each
+    head's gradient is divided by its weight again (a weight under the dtype's smallest
+    normal number is taken as that number, so that the division is defined)."""
+    names = [t.name for t in tasks]
+    if any(len(micro) > 1 for micro, _ in drawn):
+        raise RuntimeError("loss-only weights need one micro-batch a step (Combiner.loss_only)")
+    batches = [micro[0].to(ctx.dist.device) if micro else None for micro, _ in drawn]
+    here = [k for k, batch in enumerate(batches) if batch is not None]
+    scales = [micro_scale(len(batches[k]), drawn[k][1], ctx.dist.world_size) for k in here]
+    with ctx.sync(last=True):
+        found = ctx.losses([names[k] for k in here], [batches[k] for k in here])
+        losses = [loss if scale == 1.0 else loss * scale for loss, scale in zip(found, scales)]
+        shares = [0.0] * len(names)
+        for k, loss in zip(here, losses):
+            shares[k] = loss.item()
+        values, stop = ctx.agree(shares, stop)
+        check_finite(values, names, "loss")
+        dtype = losses[0].dtype
+        weights = weighing.weigh(values).to(dtype).clamp(min=torch.finfo(dtype).tiny)
+        weighted = torch.stack(losses) * weights[here].to(losses[0].device)  # (tasks here,)
+        ctx.scale(weighted.sum()).backward()
+    for k in here:
+        for param in tasks[k].head.parameters():
+            if param.grad is not None:
+                param.grad.div_(weights[k].item())
+    return values, stop
 
 
 def per_task_losses(losses: TaskLosses, names: list[str], batches: list) -> list[torch.Tensor]:

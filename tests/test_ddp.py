@@ -23,9 +23,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {"sum": ["--grad_diagnostics_every", "3"], "pcgrad": ["--pcgrad"],
            # sampled steps of 4 global examples over 3 tasks (2 + 1 + 1 at random): a task
            # of one example leaves rank 1 a zero-weight batch (sampled_stream.py); the value
-           # is per process, 2/3 of the batch size (2 on 2 processes x 3, 4 on 1 x 6)
+           # is per process, 2/3 of the batch size (2 on 2 processes x 3, 4 on 1 x 6);
+           # FAMO reads no Gram matrix: its weights come from the all-reduced losses before
+           # one backward through DDP (combiner.LossWeights), the rows on steps 3, 6, ...
            "sampled": ["--grad_diagnostics_every", "3", "--sampling", "temperature",
-                       "--sampling_batch_size", lambda batch: str(2 * batch // 3)],
+                       "--sampling_batch_size", lambda batch: str(2 * batch // 3),
+                       "--balance", "famo"],
            # stateful: GradVac's seeded order and targets, FAMO's logits from the global losses
            "gradvac-famo": ["--aggregator", "gradvac", "--gradvac_beta", "0.5", "--balance", "famo"]}
 

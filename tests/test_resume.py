@@ -120,6 +120,10 @@ MODES = {"mix-pcgrad": ["--mode", "mix", "--pcgrad", "--hidden_dropout_prob", "0
          # and last losses, the smoothed weights (beta 1/2: the state moves fast)
          "mix-gradvac-famo": ["--mode", "mix", "--aggregator", "gradvac", "--gradvac_beta", "0.5",
                               "--balance", "famo", "--smooth_weights", "0.5"],
+         # a loss-only combination: its weights from the losses before one backward
+         # (combiner.LossWeights), the rows on the diagnostics' steps 3, 6, 9 only
+         "mix-rlw-famo": ["--mode", "mix", "--aggregator", "rlw", "--balance", "famo",
+                          "--grad_diagnostics_every", "3"],
          # each task's gradient from one packed pass (engine/task_grads.py), the balancer's
          # state in last.pt; "mix-pcgrad" above takes that path too, the word rows sparse
          "mix-mgda-gradnorm": ["--mode", "mix", "--aggregator", "mgda", "--balance", "grad_norm",

@@ -1,6 +1,7 @@
 """steps.jsonl's "weights": the task weights each step's gradient combination applied, as
-the per-task gradient buffer received them (pcgrad.PCGrad.apply), averaged over the steps
-of each logged window that combined the task gradients; absent where none did."""
+the per-task gradient buffer received them (pcgrad.PCGrad.apply) or, on a loss-only
+combination's steps, as its one weighted backward took them (Combiner.weigh), averaged over
+the steps of each logged window that combined the task gradients; absent where none did."""
 import json
 import os
 
@@ -10,6 +11,7 @@ import torch
 import multitask_classifier as mtc
 import pcgrad
 import report
+from engine.combiner import Combiner
 from engine.steplog import StepLog
 
 from test_training import run_args
@@ -17,14 +19,21 @@ from test_training import run_args
 
 @pytest.fixture
 def applied(monkeypatch):
-    """Every weight vector handed to the per-task gradient buffer, in step order."""
+    """Every weight vector handed to the per-task gradient buffer or taken by a loss-only
+    step, in step order."""
     seen = []
-    original = pcgrad.PCGrad.apply
+    original, weigh = pcgrad.PCGrad.apply, Combiner.weigh
 
     def apply(self, weights):
         seen.append(weights.tolist())
         return original(self, weights)
+
+    def weighed(self, losses):
+        found = weigh(self, losses)
+        seen.append(found.tolist())
+        return found
     monkeypatch.setattr(pcgrad.PCGrad, "apply", apply)
+    monkeypatch.setattr(Combiner, "weigh", weighed)
     return seen
 
 

@@ -207,3 +207,31 @@ def test_a_run_matches_its_no_packed_run(no_dropout_checkpoint, tiny_data, tmp_p
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
             else:
                 assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("flags", [["--aggregator", "rlw", "--balance", "famo"],
+                                   ["--balance", "uncertainty"]], ids=["rlw-famo", "uncertainty"])
+def test_a_loss_only_run_matches_its_rows_run(no_dropout_checkpoint, tiny_data, tmp_path,
+                                              monkeypatch, flags):
+    """A combination that reads no Gram matrix takes its weights from the losses and runs one
+    weighted backward (combiner.LossWeights: never the rows); diagnosed on every step, the
+    same run takes the rows' path on every step. Same weights, same run up to float rounding."""
+    from engine.combiner import Combiner
+    calls = {"combine": 0, "weigh": 0}
+    for name in calls:
+        def spy(self, *args, _name=name, _original=getattr(Combiner, name)):
+            calls[_name] += 1
+            return _original(self, *args)
+        monkeypatch.setattr(Combiner, name, spy)
+    common = ["--hidden_dropout_prob", "0", "--epochs", "2", *flags]
+    by_losses = mtc.main(run_args(no_dropout_checkpoint, tiny_data, tmp_path / "losses", *common,
+                                  "--no-grad_diagnostics"))
+    assert calls == {"combine": 0, "weigh": 12}  # 6 steps an epoch
+    by_rows = mtc.main(run_args(no_dropout_checkpoint, tiny_data, tmp_path / "rows", *common,
+                                "--grad_diagnostics_every", "1"))
+    assert calls == {"combine": 12, "weigh": 12}
+    for a, b in zip(metrics(by_losses), metrics(by_rows), strict=True):
+        shared = [k for k in b if k.startswith((".dev.", ".train_loss."))]
+        assert len(shared) >= 6
+        for key in shared:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
