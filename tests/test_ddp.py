@@ -16,6 +16,7 @@ import torch.distributed as torch_dist
 import multitask_classifier as mtc
 from evaluation import read_predictions
 from config import BertConfig
+from engine.runfiles import LAST_FILE, SUMMARY_FILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # sum: DDP's averaging, and every 3rd step the diagnostics' per-task pass (no DDP sync:
@@ -70,8 +71,8 @@ def completed_resume(argv) -> bool:
     if "--resume" not in argv:
         return False
     folder = argv[argv.index("--resume") + 1]
-    return (os.path.isfile(os.path.join(folder, "summary.json"))
-            and not os.path.exists(os.path.join(folder, "last.pt")))
+    return (os.path.isfile(os.path.join(folder, SUMMARY_FILE))
+            and not os.path.exists(os.path.join(folder, LAST_FILE)))
 
 
 def torchrun(argv, processes=2, script=("multitask_classifier.py",), **env):
