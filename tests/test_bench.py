@@ -210,3 +210,26 @@ def test_adamw_bench_times_both_denominators_on_a_saved_state(tmp_path, capsys):
     main(["--state", str(tmp_path / "last.pt"), "--rounds", "1", "--threads", "1"])
     out = capsys.readouterr().out
     assert "1,507 elements, 33.2% exact zeros" in out and "the same bits: True" in out
+
+
+def test_combination_bench_ways_agree_and_fill_the_buffer_as_a_backward_would():
+    """bench.combination: the per-parameter writes fill the (K, P) buffer with each task's
+    gradient, the per-parameter Gram sums to the whole one, and every alternative agrees
+    with ours (a wrong one would stop the bench)."""
+    from bench.combination import differences, ways, write_rows
+    torch.manual_seed(0)
+    sizes = [5, 4096 + 7, 3, 9000]
+    grads = [torch.randn(sum(sizes)) for _ in range(3)]
+    buffer = torch.zeros(3, sum(sizes))
+    whole = write_rows(buffer, grads, sizes, gram_each=False)
+    assert torch.equal(buffer, torch.stack(grads))
+    assert torch.allclose(write_rows(buffer, grads, sizes, gram_each=True), whole, rtol=1e-5)
+    assert torch.allclose(whole.double(), buffer.double() @ buffer.double().T, rtol=1e-5, atol=1e-3)
+    named = ways(buffer, grads, sizes, [0.5, -1.0, 2.0])
+    found = differences(named)
+    assert set(found) == {name for name, (reference, _) in named.items() if reference}
+    assert torch.allclose(named["weighted sum: ours"][1](),
+                          0.5 * grads[0] - grads[1] + 2.0 * grads[2], atol=1e-5)
+    broken = {**named, "weighted sum: chunked": ("weighted sum: ours", lambda: buffer[0])}
+    with pytest.raises(RuntimeError, match="weighted sum: chunked differs"):
+        differences(broken)
