@@ -8,10 +8,12 @@ AdamW's memory traffic, the measured torch.mm rate at 2048^3 and at the step's o
 the fraction of that peak the plain step reaches, and (bench/phases.py) each method's time
 per phase: forward, backward, gradient combination, optimizer, other. --compile: also each
 method with the step's forward compiled (bench/compiled.py): compile time, ms/step, ratio.
+--profile N: each method's N steps under torch.profiler, its operators' self time per step
+beside the plain step's (bench/profiles.py).
 
     python -m bench.mix [--steps 8] [--rounds 3] [--data_dir data] [--precision bf16]
         [--methods pcgrad,grad_norm] [--threads N] [--phase_rounds 1] [--compile]
-        [--freeze_word_embeddings] [--no-row_gradients]
+        [--freeze_word_embeddings] [--no-row_gradients] [--profile 4]
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from bench.limits import (StepFlops, adamw_line, flops_line, fraction_line, line
                           machine_header, measure_peaks, peak_for, peak_lines, read_cpu,
                           set_threads, step_flops, updated_elements)
 from bench.phases import PhaseClock, phase_lines
+from bench.profiles import operator_times, profile_lines
 from datasets import make_loader
 from engine.aggregators import AGGREGATORS
 from engine.balancing import BALANCERS
@@ -72,6 +75,10 @@ class MixBenchConfig:
         "help": "inductor's mode with --compile", "choices": list(COMPILE_MODES)})
     freeze_word_embeddings: bool = field(default=False, metadata={
         "help": "time steps with the word embedding frozen, as the trainer's option runs them"})
+    profile: int = field(default=0, metadata={
+        "help": "steps each method takes under torch.profiler (0: none): a table of the "
+                "operators' self time per step beside the plain step's (bench/profiles.py)"})
+    profile_top: int = field(default=15, metadata={"help": "operators listed by --profile"})
     row_gradients: bool = field(default=True, metadata={
         "help": "the word embedding's gradient from the rows a step reaches, as the trainer "
                 "installs it on a CPU (engine/row_gradients.py); --no-row_gradients: torch's "
@@ -130,8 +137,9 @@ def build_model(cfg: MixBenchConfig):
 def main(argv=None) -> None:
     cfg = parse_config(MixBenchConfig, argv, description=__doc__)
     set_threads(cfg.threads)
-    if cfg.phase_rounds < 0:
-        raise ConfigError(f"--phase_rounds {cfg.phase_rounds}: must be >= 0")
+    for name in ("phase_rounds", "profile", "profile_top"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name} {getattr(cfg, name)}: must be >= 0")
     if cfg.compile_mode != "default" and not cfg.compile:
         raise ConfigError(f"--compile_mode {cfg.compile_mode} needs --compile")
     s, task_cfg, tasks, model = build_model(cfg)
@@ -158,6 +166,10 @@ def main(argv=None) -> None:
         print(f"Time per phase (bench/phases.py; a pass apart, best of {cfg.phase_rounds} "
               f"round(s) per step), mean ms/step and share:")
         print("\n".join(phase_lines(phases)))
+    if cfg.profile:
+        profiles = profile_methods(model, tasks, steps[1:], optimizer, methods, cfg)
+        print(f"Operators (torch.profiler, {cfg.profile} step(s) per method, self time):")
+        print("\n".join(profile_lines(profiles, PLAIN, cfg.profile_top)))
 
 
 def time_methods(model, tasks: list, steps: list, optimizer, methods: dict, rounds: int,
@@ -215,6 +227,19 @@ def time_phases(model, tasks: list, steps: list, optimizer, methods: dict,
                     best[name][i] = spent
     return {name: {phase: sum(s[phase] for s in per_step) / len(steps) for phase in per_step[0]}
             for name, per_step in best.items()}
+
+
+def profile_methods(model, tasks: list, steps: list, optimizer, methods: dict,
+                    cfg: MixBenchConfig) -> dict[str, dict[str, float]]:
+    """Per method, operator -> ms per step over its first --profile batches (cycled)."""
+    device = next(model.parameters()).device
+    chosen = [steps[i % len(steps)] for i in range(cfg.profile)]
+
+    def run(surgery):
+        for batches in chosen:
+            mix_step(model, tasks, batches, optimizer, surgery, packed=cfg.packed)
+    return {name: operator_times(lambda: run(surgery), cfg.profile, device)
+            for name, surgery in methods.items()}
 
 
 def print_limits(model, tasks: list, steps: list, plain: float, phases: dict) -> None:

@@ -194,8 +194,26 @@ def test_mix_bench_sets_the_encoder_up_as_the_trainer_does(tiny_checkpoint, tiny
     assert isinstance(model.encoder.word_embedding, RowGradEmbedding) is rows
     assert model.encoder.word_embedding.weight.requires_grad is trained
     if not trained:  # the whole bench once (its peak measurements take seconds)
-        main(args + ["--steps", "1", "--rounds", "1", "--methods", "pcgrad", "--phase_rounds", "0"])
-        assert "pcgrad" in capsys.readouterr().out
+        main(args + ["--steps", "1", "--rounds", "1", "--methods", "pcgrad", "--phase_rounds", "0",
+                     "--profile", "1", "--profile_top", "3"])
+        out = capsys.readouterr().out
+        assert "pcgrad" in out
+        table = out[out.index("Operators (torch.profiler"):].splitlines()[1:]
+        assert "pcgrad" in table[0] and len(table) == 1 + 3 + 2  # head, 3 operators, others, total
+        assert table[-1].split()[0] == "total" and float(table[-1].split()[1]) > 0
+
+
+def test_profile_table_lists_the_top_operators_and_differences_from_the_plain_step():
+    from bench.profiles import OTHERS, profile_lines
+    profiles = {"plain": {"aten::mm": 100.0, "aten::add_": 5.0, "aten::fill_": 1.0},
+                "pcgrad": {"aten::mm": 101.0, "aten::bmm": 9.0, "aten::add_": 12.0, "aten::fill_": 1.5}}
+    lines = profile_lines(profiles, "plain", top=3)
+    cells = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert list(cells) == ["aten::mm", "aten::add_", "aten::bmm", OTHERS.split()[0], "total"]
+    assert cells["aten::bmm"] == ["0.00", "9.00", "+9.00"]
+    assert cells["aten::add_"] == ["5.00", "12.00", "+7.00"]
+    assert cells["(all"][-3:] == ["1.00", "1.50", "+0.50"]  # fill_, outside the top 3
+    assert cells["total"] == ["106.00", "123.50", "+17.50"]
 
 
 def test_adamw_bench_times_both_denominators_on_a_saved_state(tmp_path, capsys):
