@@ -1,8 +1,8 @@
-"""Where a method's step spends its time, operator by operator: torch.profiler's self CPU
-time (CUDA time too on a GPU) per operator over the same batches for each method, in ms
-per step, beside the plain step's, so that the table shows what an aggregator adds (the
-Gram matrix's bmm, the weighted sum's adds, the per-task products of the backward) and
-what the plain step's own time is made of. The profiler's overhead inflates the many small
+"""Where a method's step spends its time, operator by operator: torch.profiler's self time
+per operator (CPU time on a CPU; on a GPU the kernels' device time) over the same batches
+for each method, in ms per step, beside the plain step's, so that the table shows what an
+aggregator adds (the Gram matrix's bmm, the weighted sum's adds, the per-task products of
+the backward) and what the plain step's own time is made of. The profiler's overhead inflates the many small
 operators; read the table for shares and differences, the ms/step table for speed."""
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ OTHERS = "(all other operators)"
 
 
 def operator_times(run: Callable[[], None], steps: int, device: torch.device) -> dict[str, float]:
-    """ms per step of each operator's self time while `run` takes `steps` steps."""
+    """ms per step of each operator's self time while `run` takes `steps` steps (on CUDA
+    the device time: the CPU's there is mostly kernel launches)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         run()
@@ -24,7 +25,7 @@ def operator_times(run: Callable[[], None], steps: int, device: torch.device) ->
             torch.cuda.synchronize()
     spent: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
-        own = event.self_cpu_time_total + getattr(event, "self_device_time_total", 0.0)
+        own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
         spent[event.key] += own / 1000 / steps  # us -> ms, per step
     return dict(spent)
 
