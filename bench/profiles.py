@@ -2,8 +2,9 @@
 per operator (CPU time on a CPU; on a GPU the kernels' device time) over the same batches
 for each method, in ms per step, beside the plain step's, so that the table shows what an
 aggregator adds (the Gram matrix's bmm, the weighted sum's adds, the per-task products of
-the backward) and what the plain step's own time is made of. The profiler's overhead inflates the many small
-operators; read the table for shares and differences, the ms/step table for speed."""
+the backward) and what the plain step's own time is made of. The profiler's overhead
+inflates the many small operators; read the table for shares and differences, the ms/step
+table for speed."""
 from __future__ import annotations
 
 from collections import defaultdict
