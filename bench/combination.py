@@ -54,7 +54,7 @@ def chunked_sum(rows: torch.Tensor, weights: list[float], out: torch.Tensor) -> 
 
 
 def write_rows(buffer: torch.Tensor, grads: list[torch.Tensor], sizes: list[int],
-               gram_each: bool) -> torch.Tensor | None:
+               gram_each: bool) -> torch.Tensor:
     """Each parameter's K rows copied in (a backward's writes); `gram_each`: its Gram
     block summed right after, else ours over the whole buffer at the end."""
     gram, offset = torch.zeros(len(grads), len(grads)), 0
