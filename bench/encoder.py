@@ -126,6 +126,21 @@ def hf_model(folder: str) -> torch.nn.Module | None:
     return HFBertModel.from_pretrained(folder, attn_implementation="sdpa")
 
 
+def ratio_pairs(results: dict) -> list[tuple[str, str]]:
+    """(row, base) pairs to print as ratios, each within one precision: every row against
+    ours, ours packed against transformers, and bf16 against fp32 for each row."""
+    pairs = []
+    for suffix in ("", " bf16"):
+        rows = [name for name in results if name.endswith(suffix) and
+                (suffix or not name.endswith(" bf16"))]
+        pairs += [(name, "ours" + suffix) for name in rows if name != "ours" + suffix]
+        if {"ours packed" + suffix, "transformers" + suffix} <= set(rows):
+            pairs.append(("ours packed" + suffix, "transformers" + suffix))
+    pairs += [(name, name[:-len(" bf16")]) for name in results
+              if name.endswith(" bf16") and name[:-len(" bf16")] in results]
+    return pairs
+
+
 def main() -> None:
     cfg = parse_config(BenchConfig, description=__doc__)
     set_threads(cfg.threads)
@@ -145,22 +160,19 @@ def main() -> None:
         models["ours packed"] = (PackedEncoder(ours), False)
     if cfg.compare_hf and (theirs := hf_model(folder)) is not None:
         models["transformers"] = (theirs.to(device), False)
-    if cfg.bf16:
-        models["ours bf16"] = (ours, True)
+    if cfg.bf16:  # each row again under bf16 autocast, so that ratios pair like with like
+        models |= {f"{name} bf16": (model, True) for name, (model, _) in models.items()}
     results: dict[str, dict[str, float]] = {name: {} for name in models}
     for _ in range(cfg.repeats):  # alternate the models so that drift hits both alike
         for name, (model, bf16) in models.items():
             for key, value in measure(model, batch, cfg, bf16).items():
                 results[name][key] = max(value, results[name].get(key, 0.0))
+    width = max(map(len, results))
     for name, res in results.items():
-        print(f"{name:>13}: " + ", ".join(f"{k} {v:,.0f} padded tokens/s" for k, v in res.items()))
-    for name in results:
-        if name != "ours":
-            print(f"  {name}/ours: " + ", ".join(
-                f"{k} {results[name][k] / results['ours'][k]:.2f}x" for k in results["ours"]))
-    if "transformers" in results and "ours packed" in results:
-        print("  ours packed/transformers: " + ", ".join(
-            f"{k} {results['ours packed'][k] / results['transformers'][k]:.2f}x" for k in results["ours"]))
+        print(f"{name:>{width}}: " + ", ".join(f"{k} {v:,.0f} padded tokens/s" for k, v in res.items()))
+    for name, base in ratio_pairs(results):
+        print(f"  {name}/{base}: " + ", ".join(
+            f"{k} {results[name][k] / results[base][k]:.2f}x" for k in results[base]))
     print_limits(ours, batch["attention_mask"], results, device)
 
 

@@ -251,3 +251,19 @@ def test_combination_bench_ways_agree_and_fill_the_buffer_as_a_backward_would():
     broken = {**named, "weighted sum: chunked": ("weighted sum: ours", lambda: buffer[0])}
     with pytest.raises(RuntimeError, match="weighted sum: chunked differs"):
         differences(broken)
+
+
+def test_encoder_bench_pairs_ratios_within_one_precision():
+    """bench.encoder --bf16 times every row again in bf16: each ratio compares rows of one
+    precision, and each bf16 row is also set against its own fp32 row."""
+    from bench.encoder import ratio_pairs
+    rows = ["ours", "ours packed", "transformers"]
+    results = dict.fromkeys(rows + [f"{r} bf16" for r in rows], {})
+    pairs = ratio_pairs(results)
+    assert ("ours packed", "ours") in pairs and ("ours packed bf16", "ours bf16") in pairs
+    assert ("ours packed", "transformers") in pairs
+    assert ("ours packed bf16", "transformers bf16") in pairs
+    assert {("ours bf16", "ours"), ("transformers bf16", "transformers")} <= set(pairs)
+    for row, base in pairs:  # never fp32 over bf16's base, nor bf16 over another fp32 row
+        assert row.endswith(" bf16") == base.endswith(" bf16") or row == f"{base} bf16"
+    assert ratio_pairs({"ours": {}}) == []
