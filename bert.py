@@ -74,8 +74,7 @@ class BertSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
         self.dropout = Dropout(config.attention_probs_dropout_prob)
-        # fused=True uses torch's scaled_dot_product_attention (but for dropout on a CPU, see
-        # attend); False the explicit form below.
+        # fused=True uses torch's scaled_dot_product_attention; False the explicit form below.
         self.fused = fused
         self.register_load_state_dict_pre_hook(fuse_separate_qkv)
 
@@ -104,11 +103,7 @@ class BertSelfAttention(nn.Module):
                mask: torch.Tensor) -> torch.Tensor:
         """Projected (B, T, H) queries, keys, values -> the heads' concatenated context."""
         q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
-        # With dropout, SDPA on a CPU takes torch's unfused math path with bernoulli_ masks:
-        # the explicit form with bert.Dropout's cheaper masks trains at 0.85-0.89x the bf16
-        # step and 0.96-1.00x the fp32 one (Zen 4; README, Performance)
-        cpu_dropout = self.training and self.dropout_p > 0 and q.device.type == "cpu"
-        if self.fused and not cpu_dropout:
+        if self.fused:
             context = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
         else:

@@ -79,6 +79,9 @@ class MixBenchConfig:
         "help": "steps each method takes under torch.profiler (0: none): a table of the "
                 "operators' self time per step beside the plain step's (bench/profiles.py)"})
     profile_top: int = field(default=15, metadata={"help": "operators listed by --profile"})
+    fused_attention: bool = field(default=True, metadata={
+        "help": "attention through torch's scaled_dot_product_attention with its own dropout "
+                "(the default); --no-fused_attention: the explicit form with bert.Dropout"})
     row_gradients: bool = field(default=True, metadata={
         "help": "the word embedding's gradient from the rows a step reaches, as the trainer "
                 "installs it on a CPU (engine/row_gradients.py); --no-row_gradients: torch's "
@@ -129,6 +132,7 @@ def build_model(cfg: MixBenchConfig):
     model.train_encoder(True)  # as the trainer does: the unread pooler stays out
     if cfg.freeze_word_embeddings:
         model.encoder.word_embedding.requires_grad_(False)
+    model.encoder.set_fused_attention(cfg.fused_attention)
     if cfg.row_gradients:  # where the trainer installs them: CPU, one process, trainable
         use_row_gradients(model.encoder, s.device, distributed=False)
     return s, task_cfg, tasks, model

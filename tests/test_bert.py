@@ -81,31 +81,6 @@ def test_dropout_only_in_training(tiny_config):
     torch.testing.assert_close(model(ids, mask).pooler_output, model(ids, mask).pooler_output)
 
 
-def test_cpu_training_with_attention_dropout_takes_the_explicit_form(tiny_config, monkeypatch):
-    """In training on a CPU with attention dropout, the fused setting runs the explicit form
-    with bert.Dropout (SDPA's dropout path is slower there): the same draws and outputs as
-    fused=False, bitwise; in eval, and with the dropout at 0, SDPA still runs."""
-    import bert
-    calls = []
-    sdpa = bert.F.scaled_dot_product_attention
-    monkeypatch.setattr(bert.F, "scaled_dot_product_attention",
-                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))
-    model = BertModel(tiny_config.replace(attention_probs_dropout_prob=0.5)).train()
-    ids, mask = batch(tiny_config, [6, 4])
-    outputs = []
-    for fused in (True, False):
-        model.set_fused_attention(fused)
-        torch.manual_seed(3)
-        outputs.append(model(ids, mask).last_hidden_state)
-    assert calls == []
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
-    model.set_fused_attention(True)
-    model.eval()(ids, mask)
-    assert len(calls) == tiny_config.num_hidden_layers
-    BertModel(tiny_config.replace(attention_probs_dropout_prob=0.0)).train()(ids, mask)
-    assert len(calls) == 2 * tiny_config.num_hidden_layers
-
-
 def test_too_long_input_is_a_clear_error(tiny_config):
     model = BertModel(tiny_config)
     ids = torch.ones(1, tiny_config.max_position_embeddings + 1, dtype=torch.long)
