@@ -32,7 +32,8 @@ run: setup data
 		--epochs 1 --subsample 1000 --lr 5e-5 --head_lr 1e-3 --quora_encoding bi \
 		--precision auto --run_dir runs/quickstart
 
-# The full-data recipe measured in the README's Results (32-37 min on a 2-core AVX2 CPU, fp32);
+# The full-data recipe measured in the README's Results (32-37 min on a 2-core AVX2 CPU, fp32;
+# 21 min on a 2-core Zen 4 EPYC with AVX512-BF16, where auto runs bf16);
 # FULL_EXTRA="--pcgrad" adds gradient surgery.
 FULL_EXTRA ?=
 full: setup data

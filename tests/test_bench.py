@@ -179,13 +179,14 @@ def test_evaluation_bench_batchings_cover_each_example_once(tiny_checkpoint, tin
                 assert [lengths[i] for i in order] == sorted(lengths), (task.name, name)
 
 
-@pytest.mark.parametrize("flags, rows, trained", [
-    ([], True, True), (["--no-row_gradients"], False, True),
-    (["--freeze_word_embeddings"], False, False)])
+@pytest.mark.parametrize("flags, rows, trained, fused", [
+    ([], True, True, True), (["--no-row_gradients"], False, True, True),
+    (["--freeze_word_embeddings"], False, False, True), (["--no-fused_attention"], True, True, False)])
 def test_mix_bench_sets_the_encoder_up_as_the_trainer_does(tiny_checkpoint, tiny_data, flags,
-                                                           rows, trained, capsys):
+                                                           rows, trained, fused, capsys):
     """bench.mix times the trainer's step: the word embedding's row gradients on a CPU
-    (engine/build.py installs them), none when it is frozen; a frozen one takes no step."""
+    (engine/build.py installs them), none when it is frozen; a frozen one takes no step;
+    SDPA's attention unless --no-fused_attention asks for the explicit form."""
     from bench.mix import MixBenchConfig, build_model, main
     from engine.cli import parse_config
     from engine.row_gradients import RowGradEmbedding
@@ -193,6 +194,7 @@ def test_mix_bench_sets_the_encoder_up_as_the_trainer_does(tiny_checkpoint, tiny
     *_, model = build_model(parse_config(MixBenchConfig, args))
     assert isinstance(model.encoder.word_embedding, RowGradEmbedding) is rows
     assert model.encoder.word_embedding.weight.requires_grad is trained
+    assert all(layer.self_attention.fused is fused for layer in model.encoder.bert_layers)
     if not trained:  # the whole bench once (its peak measurements take seconds)
         main(args + ["--steps", "1", "--rounds", "1", "--methods", "pcgrad", "--phase_rounds", "0",
                      "--profile", "1", "--profile_top", "3"])
