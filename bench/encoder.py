@@ -131,8 +131,7 @@ def ratio_pairs(results: dict) -> list[tuple[str, str]]:
     ours, ours packed against transformers, and bf16 against fp32 for each row."""
     pairs = []
     for suffix in ("", " bf16"):
-        rows = [name for name in results if name.endswith(suffix) and
-                (suffix or not name.endswith(" bf16"))]
+        rows = [name for name in results if name.endswith(" bf16") == bool(suffix)]
         pairs += [(name, "ours" + suffix) for name in rows if name != "ours" + suffix]
         if {"ours packed" + suffix, "transformers" + suffix} <= set(rows):
             pairs.append(("ours packed" + suffix, "transformers" + suffix))
